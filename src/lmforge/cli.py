@@ -1,0 +1,104 @@
+"""`lmforge VERB ...` — parse arguments, call one function per verb, print one-line errors.
+
+Verb implementations live next to the code they drive and are imported lazily (as "module:function"),
+so `lmforge --help` stays fast and never imports torch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from lmforge import __version__
+from lmforge.errors import LmforgeError
+
+
+def _add_source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-field", default="text",
+                   help="JSONL/parquet field (column) that holds the text (default: text)")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip malformed JSONL lines (counted and reported) instead of stopping")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmforge", description="Take a language model through its whole life, on a laptop CPU or many GPUs.")
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+
+    def verb(sub, name, target, help):
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(_target=target)
+        return p
+
+    # quickstart: the README's main job
+    p = verb(verbs, "quickstart", "lmforge.quickstart:cmd_quickstart",
+             "run the end-to-end pipeline on built-in data (recipes/cpu-quickstart.yaml)")
+    p.add_argument("--recipe", default=None, help="YAML recipe (default: the built-in CPU quickstart)")
+    p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. tokenizer.vocab_size=4096")
+
+    # data
+    data = verbs.add_parser("data", help="corpora: list built-ins, prepare token shards",
+                            description="corpora: list built-ins, prepare token shards")
+    dsub = data.add_subparsers(dest="data_verb", metavar="VERB")
+    dsub.required = True
+    verb(dsub, "list", "lmforge.data.corpus:cmd_list", "list the built-in corpora")
+    p = verb(dsub, "prepare", "lmforge.data.shards:cmd_prepare",
+             "tokenize a corpus into train.bin / val.bin / meta.json")
+    p.add_argument("--input", nargs="+", required=True, metavar="SRC",
+                   help="built-in corpus name or a file/directory (.txt .md .jsonl .parquet)")
+    p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory for the shards")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of documents held out (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the train/val document split")
+    _add_source_options(p)
+
+    # tokenizer
+    tok = verbs.add_parser("tokenizer", help="train, inspect and measure a byte-level BPE tokenizer",
+                           description="train, inspect and measure a byte-level BPE tokenizer")
+    tsub = tok.add_subparsers(dest="tokenizer_verb", metavar="VERB")
+    tsub.required = True
+    p = verb(tsub, "train", "lmforge.tokenizer.cli:cmd_train", "train a byte-level BPE tokenizer")
+    p.add_argument("--input", nargs="+", required=True, metavar="SRC",
+                   help="built-in corpus name or a file/directory (.txt .md .jsonl .parquet)")
+    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size including 256 bytes and specials")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write the tokenizer")
+    p.add_argument("--pattern", default="gpt4",
+                   help="pre-split regex: 'gpt4' (default), 'gpt2', or a regex of your own")
+    p.add_argument("--min-frequency", type=int, default=2, help="stop when the best pair occurs fewer times")
+    _add_source_options(p)
+    p = verb(tsub, "encode", "lmforge.tokenizer.cli:cmd_encode", "show ids and token boundaries of a text")
+    p.add_argument("--tokenizer", required=True, metavar="DIR")
+    p.add_argument("text", help="text to encode")
+    p = verb(tsub, "stats", "lmforge.tokenizer.cli:cmd_stats",
+             "bytes/token, chars/token and tokens per 1000 chars, per file and per script")
+    p.add_argument("--tokenizer", required=True, metavar="DIR")
+    p.add_argument("inputs", nargs="+", metavar="SRC")
+    _add_source_options(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module, func = args._target.split(":")
+    try:
+        fn = getattr(importlib.import_module(module), func)
+        rc = fn(args)
+    except LmforgeError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `lmforge ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

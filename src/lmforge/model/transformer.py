@@ -1,0 +1,405 @@
+"""The decoder-only Transformer: embeddings -> N x (pre-norm attention + pre-norm FFN, residuals) -> norm -> head.
+
+Read top-down: rotary/sinusoidal helpers, the KV cache, attention, FFN, block, then the model.
+
+Conventions worth knowing before importing weights:
+- q/k/v/o are separate Linears shaped like Hugging Face Llama's (q_proj, k_proj, v_proj, o_proj), FFNs are
+  (gate_proj, up_proj, down_proj) for SwiGLU and (up_proj, down_proj) otherwise, so Llama/Qwen/Mistral weights
+  copy over by renaming only. GPT-2's fused Conv1D c_attn must be transposed and split.
+- RoPE follows the HF Llama "rotate_half" convention: the head dimension is split into two halves
+  [x1, x2] (not interleaved pairs) and rotated as (x1*cos - x2*sin, x2*cos + x1*sin), with frequency i shared
+  by channels i and i + head_dim/2. Meta's original checkpoints pair adjacent channels instead; HF's converter
+  permutes q/k weights once, so HF weights need no permutation here.
+- Masks are boolean, True = may attend.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.model.config import ModelConfig
+
+# grouped-query attention inside SDPA (no K/V copies) arrived in torch 2.5
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# positions
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/head_dim), i < head_dim/2, optionally rescaled for long context."""
+    # fp32, as Meta's and HF's reference code compute it: pretrained weights were trained with these values
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        factor = scaling["factor"]
+        if scaling["rope_type"] == "linear":  # positions divided by factor == frequencies divided by factor
+            inv_freq = inv_freq / factor
+        elif scaling["rope_type"] == "llama3":
+            # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between blended
+            # linearly in 1/wavelength.
+            old_len = scaling["original_max_position_embeddings"]
+            lo, hi = scaling["low_freq_factor"], scaling["high_freq_factor"]
+            wavelen = 2 * math.pi / inv_freq
+            smooth = ((old_len / wavelen - lo) / (hi - lo)).clamp(0.0, 1.0)
+            inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return inv_freq
+
+
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (B, T, head_dim) for positions (B, T), in fp32 whatever autocast says."""
+    with torch.autocast(device_type=position_ids.device.type, enabled=False):
+        freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # (B, T, hd/2)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, hd) by the angles in cos/sin (B, T, hd); HF rotate_half convention."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin
+
+
+def sinusoidal_embedding(position_ids: torch.Tensor, d_model: int) -> torch.Tensor:
+    """Vaswani et al. fixed positions: channel 2i = sin(p / 10000^(2i/d)), channel 2i+1 = cos(same)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d_model, 2, device=position_ids.device).float() / d_model))
+    angles = position_ids[..., None].float() * inv_freq  # (B, T, d/2)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # interleave sin/cos
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KV cache
+
+class KVCache:
+    """Preallocated keys/values for incremental decoding: (n_layer, batch, n_kv_heads, max_len, head_dim) each.
+
+    `pos` is the number of slots already filled (the same for every row of the batch; rows of different
+    lengths are handled with padding + an attention mask). The model writes slots [pos, pos+T) in every layer
+    and advances `pos` by T at the end of its forward. Set `pos` back to discard tokens (e.g. speculation).
+    """
+
+    def __init__(self, batch: int, max_len: int, n_layer: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (n_layer, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.batch, self.max_len, self.pos = batch, max_len, 0
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v (B, n_kv, T, hd) at [pos, pos+T) of `layer`; return all keys/values [0, pos+T)."""
+        T = k.size(2)
+        end = self.pos + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {self.pos} + {T} tokens > max_len {self.max_len}")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# layers
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 and cast back (as HF Llama does, so bf16 results match)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_heads, self.head_dim = cfg.n_head, cfg.n_kv_heads, cfg.head_dim
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.o_proj.is_residual_proj = True
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, mask, kv_cache, return_attn):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+
+        is_causal = isinstance(mask, str)  # "causal": the common training case, let SDPA build it
+        attn_mask = None if is_causal else mask
+        dropout_p = self.dropout if self.training else 0.0
+        weights = None
+        if return_attn:
+            # explicit softmax(q k^T / sqrt(hd)) so the weights we return are the ones used
+            groups = self.n_head // self.n_kv_heads
+            k_, v_ = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+            scores = (q.float() @ k_.float().transpose(-2, -1)) / math.sqrt(self.head_dim)
+            if is_causal:
+                attn_mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril()
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            weights = scores.softmax(-1)
+            y = (F.dropout(weights, dropout_p) if dropout_p else weights).to(v_.dtype) @ v_
+        elif self.n_kv_heads != self.n_head and _SDPA_GQA:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                               is_causal=is_causal, enable_gqa=True)
+        else:
+            groups = self.n_head // self.n_kv_heads
+            if groups > 1:
+                k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                               is_causal=is_causal)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.resid_drop(self.o_proj(y)), weights
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind, self.gelu_approx = cfg.ffn, cfg.gelu_approx
+        if cfg.ffn == "swiglu":
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.down_proj.is_residual_proj = True
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        if self.kind == "swiglu":
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        elif self.kind == "gelu":
+            h = F.gelu(self.up_proj(x), approximate=self.gelu_approx)
+        elif self.kind == "relu":
+            h = F.relu(self.up_proj(x))
+        else:  # relu2 (Primer): relu(x)^2
+            h = F.relu(self.up_proj(x)).square()
+        return self.drop(self.down_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = make_norm(cfg, cfg.d_model)
+        self.attn = Attention(cfg, layer_idx)
+        self.ffn_norm = make_norm(cfg, cfg.d_model)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x, rope, mask, kv_cache, return_attn):
+        a, weights = self.attn(self.attn_norm(x), rope, mask, kv_cache, return_attn)
+        x = x + a
+        x = x + self.ffn(self.ffn_norm(x))
+        return x, weights
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the model
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
+        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg, cfg.d_model) if cfg.final_norm else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.pos == "rope":
+            # a buffer (moves with .to(device)) but not saved: it is a pure function of the config
+            self.register_buffer("rope_inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
+                                 persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # N(0, init_std); projections that write into the residual stream get init_std / sqrt(2 * n_layer)
+        # so the residual's variance does not grow with depth (GPT-2 paper, nanoGPT).
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_proj", False):
+                std = std / math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    # ---- forward ----
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                attn_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, return_attn: bool = False,
+                loss_mask: torch.Tensor | None = None, reduction: str = "mean", logits_to_keep: int = 0):
+        """Run the model on token ids `idx` (B, T).
+
+        targets:      (B, T) next-token ids, -1 = ignored. Gives `loss` (cross-entropy in fp32).
+        loss_mask:    (B, T) weights (bool or float) multiplied into the per-token loss; 'mean' divides by
+                      their sum over non-ignored targets (e.g. assistant-only SFT loss).
+        reduction:    'mean' (scalar), 'sum' (scalar), or 'none' ((B, T) per-token loss, 0 where ignored).
+        attn_mask:    (B, S) padding mask, 1/True = real token, covering every key the call attends to
+                      (S = cached tokens + T); or a (B|1, 1|H, T, S) boolean mask used as given.
+                      Causality is always added to a padding mask.
+        position_ids: (B, T). Default: with a padding mask, the count of real tokens before each token (so left-
+                      and right-padded rows get 0, 1, 2, ... on their real tokens); else cache.pos + arange(T).
+        kv_cache:     a KVCache; this call fills slots [cache.pos, cache.pos + T) and advances cache.pos.
+        return_attn:  also return a list of per-layer attention weights (B, H, T, S), computed explicitly.
+        logits_to_keep: 0 = logits for every position; k > 0 = only the last k (inference needs the last one).
+        Returns (logits, loss) — loss None without targets — or (logits, loss, attentions) with return_attn.
+        """
+        cfg = self.config
+        B, T = idx.shape
+        past = kv_cache.pos if kv_cache is not None else 0
+        S = past + T
+        if S > cfg.max_seq_len:
+            raise ValueError(f"sequence of {S} tokens exceeds max_seq_len {cfg.max_seq_len}")
+
+        pad = None
+        if attn_mask is not None and attn_mask.dim() == 2:
+            if attn_mask.shape != (B, S):
+                raise ValueError(f"attn_mask has shape {tuple(attn_mask.shape)}, expected {(B, S)} "
+                                 f"(cached + new tokens)")
+            pad = attn_mask.bool()
+        if position_ids is None:
+            if pad is not None:
+                position_ids = (pad.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, S, device=idx.device).unsqueeze(0).expand(B, T)
+
+        x = self.tok_emb(idx)
+        if cfg.pos == "learned":
+            x = x + self.pos_emb(position_ids)
+        elif cfg.pos == "sinusoidal":
+            x = x + sinusoidal_embedding(position_ids, cfg.d_model).to(x.dtype)
+        x = self.emb_drop(x)
+        rope = rope_cos_sin(position_ids, self.rope_inv_freq) if cfg.pos == "rope" else None
+        mask = self._attention_mask(attn_mask, pad, B, T, past, idx.device)
+
+        attentions = []
+        for block in self.blocks:
+            x, weights = block(x, rope, mask, kv_cache, return_attn)
+            if return_attn:
+                attentions.append(weights)
+        if kv_cache is not None:
+            kv_cache.pos = S
+        x = self.norm(x)
+
+        if targets is None:
+            logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+            loss = None
+        else:
+            logits = self.lm_head(x)
+            loss = self._loss(logits, targets, loss_mask, reduction)
+        return (logits, loss, attentions) if return_attn else (logits, loss)
+
+    @staticmethod
+    def _attention_mask(attn_mask, pad, B, T, past, device):
+        """A boolean (B|1, 1, T, S) mask, None (attend to everything), or "causal" (let SDPA build it)."""
+        if attn_mask is not None and pad is None:
+            if attn_mask.dtype != torch.bool or attn_mask.dim() != 4:
+                raise ValueError("attn_mask must be a (B, S) padding mask or a boolean (B, H, T, S) mask")
+            return attn_mask  # a full mask from the caller
+        if pad is None:
+            if past == 0 and T > 1:
+                return "causal"
+            if T == 1:
+                return None  # one new token sees every cached one
+        S = past + T
+        q_pos = torch.arange(past, S, device=device)[:, None]
+        mask = torch.arange(S, device=device)[None, :] <= q_pos  # causal, offset by the cached tokens
+        if pad is not None:
+            # Padding queries would see no key at all (softmax of all -inf = NaN, which then leaks through the
+            # values); let every query see itself. Real queries already do, so they are unchanged.
+            mask = (mask & pad[:, None, :]) | (torch.arange(S, device=device)[None, :] == q_pos)
+            return mask[:, None]  # (B, 1, T, S)
+        return mask[None, None]
+
+    @staticmethod
+    def _loss(logits, targets, loss_mask, reduction):
+        V = logits.size(-1)
+        per_tok = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), ignore_index=-1,
+                                  reduction="none").view(targets.shape)
+        valid = (targets != -1).float()
+        weights = valid if loss_mask is None else valid * loss_mask.float()
+        per_tok = per_tok * weights
+        if reduction == "none":
+            return per_tok
+        if reduction == "sum":
+            return per_tok.sum()
+        if reduction == "mean":
+            return per_tok.sum() / weights.sum().clamp(min=1e-8)
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+    # ---- helpers ----
+    def new_kv_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None,
+                     device=None) -> KVCache:
+        cfg = self.config
+        w = self.tok_emb.weight
+        return KVCache(batch, max_len or cfg.max_seq_len, cfg.n_layer, cfg.n_kv_heads, cfg.head_dim,
+                       dtype=dtype or w.dtype, device=device or w.device)
+
+    def num_params(self) -> dict[str, int]:
+        """total (tied weights once), embedding (token + learned position tables), non_embedding (the rest,
+        which includes an untied LM head: it is a matmul run for every token)."""
+        total = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
+        emb = self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+        return {"total": total, "embedding": emb, "non_embedding": total - emb}
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs (forward + backward) per token at context `seq_len` (PaLM appendix B / nanoGPT):
+
+            6 * N  +  12 * n_layer * n_head * head_dim * seq_len
+
+        N = parameters used in matmuls = non_embedding + the LM head when tied (its matmul still runs; the
+        lookup tables do no FLOPs). Each weight costs 2 FLOPs forward and 4 backward per token; the attention
+        scores and weighted sum cost 2 * 2 * seq_len * head_dim per head forward, x3 with backward (causal
+        masking's saving is ignored, as is customary)."""
+        cfg = self.config
+        seq_len = seq_len or cfg.max_seq_len
+        n = self.num_params()["non_embedding"]
+        if cfg.tie_embeddings:
+            n += self.lm_head.weight.numel()
+        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Two optimizer groups (nanoGPT): every >= 2-D tensor (matmul weights and embeddings) decays;
+        norms' weights and biases do not."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]

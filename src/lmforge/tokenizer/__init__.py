@@ -1,0 +1,1 @@
+"""Byte-level BPE: `bpe` trains merges, `tokenizer` encodes/decodes with them."""

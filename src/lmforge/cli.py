@@ -78,6 +78,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, metavar="DIR")
     p.add_argument("inputs", nargs="+", metavar="SRC")
     _add_source_options(p)
+
+    # markov: the n-gram baseline, scored in bits per byte like the Transformer
+    mk = verbs.add_parser("markov", help="n-gram (Markov chain) baseline: train, evaluate, sample",
+                          description="n-gram (Markov chain) baseline: train, evaluate, sample")
+    msub = mk.add_subparsers(dest="markov_verb", metavar="VERB")
+    msub.required = True
+
+    def _markov_options(p):
+        p.add_argument("--data", required=True, metavar="DIR", help="token shards (lmforge data prepare)")
+        p.add_argument("--smoothing", default="kn", choices=["kn", "addk"],
+                       help="interpolated modified Kneser-Ney (default) or add-k")
+        p.add_argument("--k", type=float, default=0.1, help="add-k pseudo-count (default 0.1)")
+        p.add_argument("--max-tokens", type=int, default=None, help="count only the first N train tokens")
+    p = verb(msub, "train", "lmforge.baselines.markov:cmd_train", "count n-grams of the train split into a table")
+    _markov_options(p)
+    p.add_argument("--order", type=int, required=True, help="n: predict from the previous n-1 tokens")
+    p.add_argument("--out", required=True, metavar="FILE.npz")
+    p = verb(msub, "eval", "lmforge.baselines.markov:cmd_eval",
+             "table size and val bits/byte for each order (the table explodes with n)")
+    _markov_options(p)
+    p.add_argument("--orders", default="1,2,3,4,5", help="comma-separated orders (default 1,2,3,4,5)")
+    p = verb(msub, "sample", "lmforge.baselines.markov:cmd_sample", "generate text from a trained table")
+    p.add_argument("--model", required=True, metavar="FILE.npz")
+    p.add_argument("--tokenizer", required=True, metavar="DIR")
+    p.add_argument("--prompt", default="", help="text to continue (default: a new document)")
+    p.add_argument("--tokens", type=int, default=100, help="tokens to generate (default 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     return parser
 
 

@@ -40,6 +40,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. tokenizer.vocab_size=4096")
 
+    # pretrain
+    p = verb(verbs, "pretrain", "lmforge.train.pretrain:cmd_pretrain",
+             "pretrain a Transformer on token shards (torchrun-aware: DDP/FSDP)")
+    p.add_argument("--recipe", default=None, help="YAML recipe (keys of PretrainConfig)")
+    p.add_argument("--data", default=None, metavar="DIR", help="token shards (lmforge data prepare)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer (default: DATA/tokenizer)")
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory (train.out_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same as train.resume=true)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="e.g. model.preset=cpu-small train.max_steps=500 train.lr=3e-3")
+
+    # eval
+    ev = verbs.add_parser("eval", help="evaluate checkpoints", description="evaluate checkpoints")
+    esub = ev.add_subparsers(dest="eval_verb", metavar="VERB")
+    esub.required = True
+    p = verb(esub, "bpb", "lmforge.eval.cli:cmd_bpb", "bits per byte over a whole validation split")
+    p.add_argument("--checkpoint", required=True, metavar="DIR")
+    p.add_argument("--data", required=True, metavar="DIR", help="token shards (the val split is scored)")
+    p.add_argument("--split", default="val", choices=["val", "train"])
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max_seq_len)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    p.add_argument("--device", default="auto")
+
     # data
     data = verbs.add_parser("data", help="corpora: list built-ins, prepare token shards",
                             description="corpora: list built-ins, prepare token shards")

@@ -1,0 +1,38 @@
+"""`lmforge eval ...` verbs."""
+from __future__ import annotations
+
+from lmforge.errors import ConfigError
+
+
+def cmd_bpb(args) -> int:
+    from lmforge.data.shards import load_shards
+    from lmforge.eval.bpb import evaluate_bpb, token_byte_lengths
+    from lmforge.train.checkpoint import load_checkpoint
+    from lmforge.train.runtime import autocast, detect_device, resolve_precision
+
+    device = detect_device(args.device)
+    model, tok, _ = load_checkpoint(args.checkpoint, device)
+    train_tokens, val_tokens, meta = load_shards(args.data)
+    tokens = val_tokens if args.split == "val" else train_tokens
+    seq_len = args.seq_len or model.config.max_seq_len
+    if seq_len > model.config.max_seq_len:
+        raise ConfigError(f"{seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}", field="--seq-len")
+    with autocast(device, resolve_precision("auto", device)):
+        res = evaluate_bpb(model, tokens, token_byte_lengths(tok), seq_len, args.batch_size,
+                           max_tokens=args.max_tokens, progress=True, device=device)
+    expected = _split_bytes(meta, args.split)
+    note = ""
+    if args.max_tokens is None and expected is not None and expected != res["bytes"]:
+        note = f" (warning: targets cover {res['bytes']:,} bytes, meta.json says {expected:,})"
+    print(f"{args.split}: {res['bpb']:.4f} bits/byte, {res['loss']:.4f} nats/token over {res['tokens']:,} tokens, "
+          f"{res['bytes']:,} bytes{note}")
+    return 0
+
+
+def _split_bytes(meta: dict, split: str):
+    for getter in (lambda m: m["splits"][split]["bytes"], lambda m: m[f"{split}_bytes"]):
+        try:
+            return int(getter(meta))
+        except (KeyError, TypeError):
+            continue
+    return None

@@ -1,0 +1,196 @@
+"""Pretraining: next-token prediction on token shards, run through the one trainer loop.
+
+`PretrainTask` is the whole of what makes this stage pretraining: how a batch is cut from the shards and which
+loss is computed. Two batch modes, both stateless functions of (seed, step, micro-batch), so a resumed run sees
+exactly the batches the uninterrupted run would have seen:
+  random  — nanoGPT style: B windows of T+1 tokens at random offsets of train.bin.
+  packed  — every token once per epoch: the documents (each starts with BOS) are shuffled per epoch with the
+            seed, laid end to end, and cut into consecutive rows of T+1 tokens (rows overlap by one token).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import ConfigError, DataError
+from lmforge.eval.bpb import evaluate_bpb, token_byte_lengths
+from lmforge.train.trainer import TrainConfig, train
+
+
+class PretrainTask:
+    def __init__(self, train_tokens: np.ndarray, val_tokens: np.ndarray, *, seq_len: int, batch_size: int,
+                 bos_id: int, token_bytes: np.ndarray, seed: int = 0, mode: str = "random",
+                 eval_tokens: int | None = 65536, eval_batch_size: int = 16, device="cpu",
+                 sample_fn=None, grad_accum: int = 1, progress: bool = True):
+        if len(train_tokens) < seq_len + 2:
+            raise DataError(f"train split has {len(train_tokens)} tokens, fewer than seq_len+2 = {seq_len + 2}")
+        self.train_tokens, self.val_tokens = train_tokens, val_tokens
+        self.T, self.B, self.seed, self.mode = seq_len, batch_size, seed, mode
+        self.bos_id, self.token_bytes = bos_id, token_bytes
+        self.eval_tokens, self.eval_batch_size = eval_tokens, eval_batch_size
+        self.device, self.sample_fn, self.grad_accum = torch.device(device), sample_fn, grad_accum
+        self.progress = progress
+        if mode == "packed":
+            starts = np.flatnonzero(np.asarray(train_tokens) == bos_id)
+            if len(starts) == 0 or starts[0] != 0:
+                starts = np.concatenate([[0], starts])
+            self.doc_starts = starts
+            self.doc_lens = np.diff(np.append(starts, len(train_tokens)))
+            self.rows_per_epoch = (len(train_tokens) - 1) // seq_len
+            self._epoch, self._layout = -1, None
+        elif mode != "random":
+            raise ConfigError(f"{mode!r} is not one of random, packed", field="mode")
+
+    # -- batches ------------------------------------------------------------------------------------------
+    def batch(self, step: int, micro: int):
+        if self.mode == "random":
+            rng = np.random.default_rng([self.seed, step, micro])
+            starts = rng.integers(0, len(self.train_tokens) - self.T - 1, size=self.B)
+            idx = starts[:, None] + np.arange(self.T + 1)[None, :]
+        else:
+            first_row = (step * self.grad_accum + micro) * self.B
+            idx = np.stack([self._packed_row(r) for r in range(first_row, first_row + self.B)])
+        rows = torch.from_numpy(np.asarray(self.train_tokens[idx.ravel()], dtype=np.int64).reshape(idx.shape))
+        rows = rows.to(self.device, non_blocking=True)
+        return rows[:, :-1], rows[:, 1:]
+
+    def _packed_row(self, r: int) -> np.ndarray:
+        epoch, r = divmod(r, self.rows_per_epoch)
+        if epoch != self._epoch:  # lay out this epoch's shuffled documents
+            perm = np.random.default_rng([self.seed, 7919, epoch]).permutation(len(self.doc_starts))
+            self._layout = (self.doc_starts[perm], np.concatenate([[0], np.cumsum(self.doc_lens[perm])]))
+            self._epoch = epoch
+        starts, cum = self._layout
+        pos = r * self.T + np.arange(self.T + 1)               # positions in the virtual shuffled stream
+        doc = np.searchsorted(cum, pos, side="right") - 1
+        return starts[doc] + (pos - cum[doc])
+
+    # -- loss / eval / samples ---------------------------------------------------------------------------
+    def loss(self, model, batch):
+        x, y = batch
+        logits = model(x)
+        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+        return loss, {"tokens": y.numel()}
+
+    def evaluate(self, model, final: bool = False) -> dict:
+        # periodic evals look at the first `eval_tokens` of val; the final one scores the whole split
+        res = evaluate_bpb(model, self.val_tokens, self.token_bytes, self.T, self.eval_batch_size,
+                           max_tokens=None if final else self.eval_tokens, progress=final and self.progress, device=self.device)
+        return {"val_loss": res["loss"], "val_bpb": res["bpb"]}
+
+    def samples(self, model) -> list[str]:
+        return self.sample_fn(model) if self.sample_fn else []
+
+    def state_dict(self):
+        return {"mode": self.mode, "seed": self.seed}  # batches are a pure function of (seed, step)
+
+    def load_state_dict(self, d):
+        if d.get("seed") != self.seed or d.get("mode") != self.mode:
+            raise ConfigError("resuming with a different data seed/mode would not continue the same run",
+                              field="seed")
+
+
+# -- the `lmforge pretrain` verb --------------------------------------------------------------------------
+
+@dataclass
+class ModelSection:
+    preset: str = "cpu-small"
+    overrides: dict = field(default_factory=dict)   # any ModelConfig field, e.g. {n_layer: 4}
+
+
+@dataclass
+class PretrainConfig:
+    data: str = ""                       # token shards directory (lmforge data prepare)
+    tokenizer: str = ""                  # tokenizer directory (default: DATA/tokenizer)
+    seq_len: int = 256
+    mode: Literal["random", "packed"] = "packed"
+    eval_tokens: int = 65536             # periodic eval on this many val tokens; the final eval uses all of val
+    eval_batch_size: int = 16
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_tokens: int = 48
+    init_from: str = ""                  # start from this checkpoint's weights
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.seq_len < 2:
+            raise ConfigError("must be ≥ 2", field="seq_len")
+
+
+def build_model(pcfg: PretrainConfig, vocab_size: int):
+    from lmforge.model.config import get_preset
+    from lmforge.model.transformer import Transformer
+    over = {"vocab_size": vocab_size, "max_seq_len": pcfg.seq_len, **pcfg.model.overrides}
+    mcfg = get_preset(pcfg.model.preset, **over)
+    return Transformer(mcfg), mcfg
+
+
+def run_pretrain(pcfg: PretrainConfig) -> dict:
+    from lmforge.data.shards import load_shards
+    from lmforge.tokenizer.tokenizer import Tokenizer
+    from lmforge.train import checkpoint as ckpt
+
+    if not pcfg.data:
+        raise ConfigError("no token shards given (data=DIR, made by `lmforge data prepare`)", field="data")
+    train_tokens, val_tokens, meta = load_shards(pcfg.data)
+    tok_dir = pcfg.tokenizer or str(Path(pcfg.data) / "tokenizer")
+    tokenizer = Tokenizer.load(tok_dir)
+    if meta.get("tokenizer_hash") not in (None, tokenizer.hash()):
+        raise DataError(f"shards were made with another tokenizer than {tok_dir}", file=str(Path(pcfg.data) / "meta.json"),
+                        field="tokenizer_hash")
+    cfg = pcfg.train
+    torch.manual_seed(cfg.seed)
+    model, mcfg = build_model(pcfg, tokenizer.vocab_size)
+    if pcfg.init_from:
+        ckpt.load_model_state(pcfg.init_from, model)
+    from lmforge.train.runtime import detect_device
+    device = detect_device(cfg.device)
+    sample_fn = _make_sampler(tokenizer, pcfg) if pcfg.sample_prompts else None
+    task = PretrainTask(train_tokens, val_tokens, seq_len=pcfg.seq_len, batch_size=cfg.batch_size,
+                        bos_id=tokenizer.bos_id, token_bytes=token_byte_lengths(tokenizer), seed=cfg.seed,
+                        mode=pcfg.mode, eval_tokens=pcfg.eval_tokens, eval_batch_size=pcfg.eval_batch_size,
+                        device=device, sample_fn=sample_fn, grad_accum=cfg.grad_accum,
+                        progress=cfg.progress)
+    n = model.num_params()
+    fpt = model.flops_per_token(pcfg.seq_len)
+    t0 = time.time()
+    summary = train(model, task, cfg, model_config=mcfg.to_dict(), tokenizer=tokenizer, flops_per_token=fpt,
+                    extra_config={"stage": "pretrain", "data": str(pcfg.data)})
+    summary.update(params=n, wall_time=time.time() - t0)
+    if int(__import__("os").environ.get("RANK", 0)) == 0:
+        (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def _make_sampler(tokenizer, pcfg: PretrainConfig):
+    def sample(model):
+        from lmforge.infer.generate import generate
+        from lmforge.infer.sampling import SamplingParams
+        params = SamplingParams(temperature=0.8, top_k=50, max_tokens=pcfg.sample_tokens, seed=0)
+        return [p + generate(model, tokenizer, p, params).text for p in pcfg.sample_prompts]
+    return sample
+
+
+def cmd_pretrain(args) -> int:
+    from lmforge.config import load_config
+    over = list(args.overrides)
+    for flag, key in ((args.data, "data"), (args.tokenizer, "tokenizer"), (args.out, "train.out_dir")):
+        if flag:
+            over.insert(0, f"{key}={flag}")
+    if args.resume:
+        over.append("train.resume=true")
+    pcfg = load_config(PretrainConfig, args.recipe, over)
+    s = run_pretrain(pcfg)
+    print(f"pretrain: {s['step']} steps, {s['tokens']:,} tokens in {s['train_time']:.1f}s "
+          f"({s['tokens'] / max(s['train_time'], 1e-9):,.0f} tok/s, {s['precision']}); "
+          f"val loss {s.get('val_loss', float('nan')):.4f}, val bpb {s.get('val_bpb', float('nan')):.4f}; "
+          f"checkpoint {s['checkpoint']}")
+    return 0

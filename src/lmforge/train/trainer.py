@@ -1,0 +1,339 @@
+"""The one training loop.
+
+Every stage — pretraining, SFT, reward model, DPO, PPO, GRPO, distillation — runs through `train()`. A stage
+differs only in its *task*: an object that builds batches and computes a loss. The loop owns everything else:
+optimizer, LR schedule, gradient accumulation, clipping, mixed precision, torch.compile, DDP/FSDP, stopping by
+steps / tokens / wall-clock, periodic eval and samples, progress bar, metrics.jsonl + PNG plots, and atomic
+checkpoints with exact resume.
+
+A task provides (see `Task`):
+    batch(step, micro)        -> anything its loss() understands; `micro` is the GLOBAL micro-batch index
+                                 (rank * micro_per_rank + i), so 2 processes x 1 micro-batch see exactly the
+                                 batches that 1 process x 2 micro-batches sees.
+    loss(model, batch)        -> (scalar loss averaged over the micro-batch, {"tokens": n, ...more metrics})
+    evaluate(model, final)    -> {"val_loss": ..., ...}       (optional; final=True at the end of the run)
+    samples(model)            -> [str, ...]                    (optional)
+    state_dict()/load_state_dict(d)  data position etc. for resume (optional)
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lmforge.errors import ConfigError
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.metrics import MetricsLog, plot_curves
+from lmforge.train.runtime import (Dist, all_reduce_mean, autocast, init_distributed, measured_peak_flops,
+                                   resolve_precision)
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/train"
+    # when to stop (whichever comes first; at least one must be set)
+    max_steps: int | None = 1000
+    max_tokens: int | None = None
+    max_time: float | None = None          # seconds of training proper (eval/checkpoint time excluded)
+    # batch: `batch_size` rows per micro-batch per process; `grad_accum` micro-batches per optimizer step IN TOTAL
+    # (divided among processes), so the same config means the same math on 1 or K processes
+    batch_size: int = 16
+    grad_accum: int = 1
+    # optimizer + schedule
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    decay_fraction: float = 0.2            # wsd: the last fraction of training decays linearly
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0                 # 0 disables
+    # runtime
+    precision: str = "auto"                # auto | bf16 | fp16 | fp32
+    device: str = "auto"
+    compile: bool = False
+    fsdp: bool = False
+    threads: int = 0                       # torch intra-op threads on CPU (0 = leave as is)
+    seed: int = 1337
+    # cadence (0 = only at the end)
+    log_every: int = 10
+    eval_every: int = 0
+    sample_every: int = 0
+    save_every: int = 0
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if not (self.max_steps or self.max_tokens or self.max_time):
+            raise ConfigError("set at least one of max_steps, max_tokens, max_time", field="max_steps")
+        for name in ("batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError("must be ≥ 1", field=name)
+        if self.lr <= 0:
+            raise ConfigError("must be > 0", field="lr")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("must be in [0, 1]", field="min_lr_ratio")
+        if self.warmup_steps < 0:
+            raise ConfigError("must be ≥ 0", field="warmup_steps")
+
+
+class Task(Protocol):
+    def batch(self, step: int, micro: int) -> Any: ...
+    def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict]: ...
+
+
+def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
+    """Warmup by steps, then decay by `progress` ∈ [0, 1] (fraction of the step/token/time budget used)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    p = min(max(progress, 0.0), 1.0)
+    lo = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "linear":
+        return cfg.lr - (cfg.lr - lo) * p
+    if cfg.schedule == "wsd":
+        start = 1 - cfg.decay_fraction
+        return cfg.lr if p < start else cfg.lr - (cfg.lr - lo) * (p - start) / max(cfg.decay_fraction, 1e-9)
+    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * p))  # cosine
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (≥2-D: linears, embeddings); never norms or biases."""
+    if hasattr(model, "param_groups"):
+        return model.param_groups(weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = [g for g in param_groups(model, cfg.weight_decay) if g["params"]]
+    fused = device.type in ("cuda", "cpu") and not cfg.fsdp
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state().tolist(), "python": _py_state(random.getstate()),
+             "numpy": _np_state(np.random.get_state())}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _py_state(s):
+    return [s[0], list(s[1]), s[2]]
+
+
+def _np_state(s):
+    return [s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])]
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _wrap_distributed(model: torch.nn.Module, cfg: TrainConfig, d: Dist, device: torch.device):
+    if not d.enabled:
+        return model
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for block in getattr(model, "blocks", []):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _full_state_dict_model(model: torch.nn.Module, cfg: TrainConfig, d: Dist) -> torch.nn.Module:
+    """The module whose state_dict() is the full (unsharded) weights; with FSDP gather them first."""
+    if not (cfg.fsdp and d.enabled):
+        return ckpt._unwrap(model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    class _Holder(torch.nn.Module):  # a stand-in exposing the gathered tensors through state_dict()
+        def state_dict(self, *a, **k):
+            return full
+    return _Holder()
+
+
+def train(model: torch.nn.Module, task, cfg: TrainConfig, *, model_config: dict, tokenizer=None,
+          flops_per_token: float | None = None, extra_config: dict | None = None,
+          generation_config: dict | None = None) -> dict:
+    """Run the loop; returns a summary (steps, tokens, seconds, last metrics, checkpoint path)."""
+    d, device = init_distributed(cfg.device)
+    if cfg.threads and device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    precision = resolve_precision(cfg.precision, device)
+    out = Path(cfg.out_dir)
+    ckpt_dir = out / "checkpoint"
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    model.to(device)
+    step, tokens_seen, train_time = 0, 0, 0.0
+    resume_state = None
+    if cfg.resume and _has_checkpoint(ckpt_dir):
+        ckpt.load_model_state(ckpt_dir, model)
+        resume_state, opt_state = ckpt.load_trainer_state(ckpt_dir)
+        step, tokens_seen, train_time = resume_state["step"], resume_state["tokens"], resume_state["train_time"]
+    raw_model = model
+    model = _wrap_distributed(model, cfg, d, device)
+    optimizer = build_optimizer(model, cfg, device)
+    if resume_state is not None:
+        if opt_state is not None:
+            optimizer.load_state_dict(opt_state)
+        _set_rng_state(resume_state["rng"])
+        if hasattr(task, "load_state_dict") and resume_state.get("task") is not None:
+            task.load_state_dict(resume_state["task"])
+    fwd_model = torch.compile(model) if cfg.compile else model
+
+    if cfg.grad_accum % d.world_size:
+        raise ConfigError(f"grad_accum={cfg.grad_accum} must be a multiple of the {d.world_size} processes",
+                          field="grad_accum")
+    micro_per_rank = cfg.grad_accum // d.world_size
+    log = MetricsLog(out, enabled=d.is_main, append=resume_state is not None)
+    if resume_state is not None:
+        log.truncate_after(step)
+    peak = measured_peak_flops(device, precision) if flops_per_token else None
+
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and d.is_main), unit="step",
+               dynamic_ncols=True, desc=Path(cfg.out_dir).name)
+    info_acc: dict[str, float] = {}
+    loss_acc, n_acc, win_tokens, win_time = 0.0, 0, 0, 0.0
+    last: dict = {}
+
+    def progress_fraction() -> float:
+        fr = [step / cfg.max_steps if cfg.max_steps else 0.0,
+              tokens_seen / cfg.max_tokens if cfg.max_tokens else 0.0,
+              train_time / cfg.max_time if cfg.max_time else 0.0]
+        return max(fr)
+
+    def done() -> bool:
+        return progress_fraction() >= 1.0
+
+    def run_eval(tag: str) -> dict:
+        if not hasattr(task, "evaluate"):
+            return {}
+        raw_model.eval()
+        with torch.no_grad(), autocast(device, precision):
+            res = task.evaluate(raw_model if not cfg.fsdp else model, final=tag == "final")
+        raw_model.train()
+        return res
+
+    def save() -> None:
+        state_model = _full_state_dict_model(model, cfg, d)
+        opt_sd = optimizer.state_dict() if not (cfg.fsdp and d.enabled) else None
+        if not d.is_main:
+            return
+        ts = {"step": step, "tokens": tokens_seen, "train_time": train_time, "rng": _rng_state(),
+              "task": task.state_dict() if hasattr(task, "state_dict") else None,
+              "config": asdict(cfg), "world_size": d.world_size}
+        ckpt.save_checkpoint(ckpt_dir, model=state_model, model_config=model_config, tokenizer=tokenizer,
+                             generation_config=generation_config, trainer_state=ts, optimizer_state=opt_sd,
+                             extra=extra_config)
+
+    raw_model.train()
+    while not done():
+        t0 = time.perf_counter()
+        lr = lr_at(cfg, step, progress_fraction())
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        step_loss = torch.zeros((), device=device)
+        step_tokens = 0
+        for i in range(micro_per_rank):
+            batch = task.batch(step, d.rank * micro_per_rank + i)
+            sync = i == micro_per_rank - 1 or not d.enabled or cfg.fsdp
+            ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else nullcontext()
+            with ctx:
+                with autocast(device, precision):
+                    loss, info = task.loss(fwd_model, batch)
+                (loss / micro_per_rank).backward()
+            step_loss += loss.detach() / micro_per_rank
+            step_tokens += int(info.get("tokens", 0))
+            for k, v in info.items():
+                if k != "tokens":
+                    info_acc[k] = info_acc.get(k, 0.0) + float(v) / micro_per_rank
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        step += 1
+        tokens_seen += step_tokens * d.world_size
+        train_time += dt
+        loss_acc += float(all_reduce_mean(step_loss, d))
+        n_acc += 1
+        win_tokens += step_tokens * d.world_size
+        win_time += dt
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or done():
+            tps = win_tokens / max(win_time, 1e-9)
+            row = {"step": step, "loss": loss_acc / n_acc, "lr": lr, "tokens": tokens_seen,
+                   "tok_per_s": tps, "train_time": train_time}
+            if grad_norm is not None:
+                row["grad_norm"] = float(grad_norm)
+            row.update({k: v / n_acc for k, v in info_acc.items()})
+            if peak:
+                row["mfu"] = flops_per_token * tps / (peak * d.world_size)
+            log.log(**row)
+            last.update(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}",
+                            **({"mfu": f"{row['mfu']:.0%}"} if peak else {}))
+            loss_acc, n_acc, win_tokens, win_time, info_acc = 0.0, 0, 0, 0.0, {}
+        if cfg.eval_every and step % cfg.eval_every == 0 and not done():
+            res = run_eval("periodic")
+            if res:
+                log.log(step=step, **res)
+                last.update(res)
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
+        if cfg.sample_every and step % cfg.sample_every == 0 and hasattr(task, "samples") and d.is_main:
+            raw_model.eval()
+            texts = task.samples(raw_model)
+            raw_model.train()
+            log.log(step=step, samples=texts)
+            for t in texts:
+                bar.write(f"  sample: {t!r}")
+        if cfg.save_every and step % cfg.save_every == 0 and not done():
+            save()
+    bar.close()
+
+    res = run_eval("final")
+    if res:
+        log.log(step=step, **res)
+        last.update(res)
+    save()
+    if d.is_main:
+        plot_curves(out / "metrics.jsonl", out / "loss.png", title=Path(cfg.out_dir).name)
+    return {"step": step, "tokens": tokens_seen, "train_time": train_time, "precision": precision,
+            "device": str(device), "world_size": d.world_size, "checkpoint": str(ckpt_dir), **last}
+
+
+def _has_checkpoint(path: Path) -> bool:
+    try:
+        ckpt.resolve_checkpoint(path)
+        return True
+    except Exception:
+        return False

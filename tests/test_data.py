@@ -300,6 +300,7 @@ def test_big_txt_streams_in_paragraph_pieces_with_bounded_memory(tmp_path, monke
     size = p.stat().st_size
     assert size > 4_000_000
     c = Corpus([str(p)])
+    next(iter(c.documents(progress=False)))   # warm up: first-use imports/caches are not the corpus
     tracemalloc.start()
     n, total, joined_ok, prefix = 0, 0, True, p.open(encoding="utf-8", newline="")
     for text in c.documents(progress=False):
@@ -332,6 +333,7 @@ def test_big_jsonl_bounded_memory(tmp_path):
             f.write(json.dumps({"text": f"document {i} " + "words " * 40, "meta": i}) + "\n")
     size = p.stat().st_size
     c = Corpus([str(p)])
+    next(iter(c.documents(progress=False)))   # warm up: first-use imports/caches are not the corpus
     tracemalloc.start()
     n = sum(1 for _ in c.documents(progress=False))
     peak = tracemalloc.get_traced_memory()[1]

@@ -285,13 +285,18 @@ def test_bad_parameters_and_data():
 
 # ------------------------------------------------------------------------------------------ CLI
 
-def write_shards(d, train, val, vocab, val_bytes):
+def write_shards(d, train, val, vocab, val_bytes, bos_id=BOS):
+    """Shards in the `lmforge data prepare` format (lmforge.data.shards), written by hand."""
+    from lmforge.data.shards import FORMAT
+
     d.mkdir(parents=True)
     np.asarray(train, dtype="<u2").tofile(d / "train.bin")
     np.asarray(val, dtype="<u2").tofile(d / "val.bin")
-    meta = {"vocab_size": vocab, "dtype": "uint16", "bos_id": BOS,
-            "splits": {"train": {"tokens": len(train), "bytes": int(np.count_nonzero(train != BOS))},
-                       "val": {"tokens": len(val), "bytes": val_bytes}}}
+    meta = {"format": FORMAT, "vocab_size": vocab, "dtype": "uint16", "bos_id": bos_id,
+            "train": {"tokens": len(train), "bytes": int(np.count_nonzero(np.asarray(train) != bos_id)),
+                      "documents": int(np.count_nonzero(np.asarray(train) == bos_id))},
+            "val": {"tokens": len(val), "bytes": val_bytes,
+                    "documents": int(np.count_nonzero(np.asarray(val) == bos_id))}}
     (d / "meta.json").write_text(json.dumps(meta))
 
 
@@ -325,6 +330,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     write_shards(data, np.array([0, 1, 2]), np.array([0, 1]), 3, 1)
     assert main(["markov", "eval", "--data", str(data), "--orders", "2,x"]) == 2
     assert "--orders" in capsys.readouterr().err
+    meta = json.loads((data / "meta.json").read_text())
+    del meta["val"]["bytes"]
+    (data / "meta.json").write_text(json.dumps(meta))
+    assert main(["markov", "eval", "--data", str(data), "--orders", "1"]) == 2
+    assert "val.bytes" in capsys.readouterr().err
+    (data / "val.bin").write_bytes(b"\x00")  # truncated: the shard reader's size check fires
+    assert main(["markov", "train", "--data", str(data), "--order", "2", "--out", str(tmp_path / "m.npz")]) == 2
+    assert "val.bin" in capsys.readouterr().err
 
 
 def test_cli_sample_decodes_text(tmp_path, capsys):
@@ -335,11 +348,7 @@ def test_cli_sample_decodes_text(tmp_path, capsys):
     tok.save(tmp_path / "tok")
     stream = np.concatenate([tok.encode(d, bos=True) for d in docs * 5])
     data = tmp_path / "shards"
-    write_shards(data, stream, stream[:50], tok.vocab_size, 40)
-    # the stream's BOS must be the tokenizer's
-    meta = json.loads((data / "meta.json").read_text())
-    meta["bos_id"] = tok.bos_id
-    (data / "meta.json").write_text(json.dumps(meta))
+    write_shards(data, stream, stream[:50], tok.vocab_size, 40, bos_id=tok.bos_id)
     model = tmp_path / "m.npz"
     assert main(["markov", "train", "--data", str(data), "--order", "3", "--out", str(model)]) == 0
     capsys.readouterr()

@@ -78,7 +78,8 @@ def _as_ids(tokens, vocab_size: int, what: str) -> np.ndarray:
 
 
 def _bar(total: int, desc: str, progress: bool):
-    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not progress, leave=False)
+    # delay: quick steps stay silent; only counting that takes a while shows a bar
+    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not progress, leave=False, delay=2.0)
 
 
 def _kn_discounts(counts: np.ndarray) -> np.ndarray:
@@ -382,56 +383,23 @@ def _check_params(order, vocab_size, bos_id, smoothing, k):
 
 # ------------------------------------------------------------------------------------------ token shards
 
-def read_shards_meta(data_dir) -> dict:
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise DataError("token shard directory not found (run `lmforge data prepare` first)", file=str(data_dir))
-    path = data_dir / "meta.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError("meta.json not found: not a token shard directory", file=str(path)) from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"invalid JSON: {e.msg}", file=str(path), line=e.lineno) from None
+def _meta_int(meta: dict, data_dir, *keys) -> int:
+    """An integer from meta.json (e.g. "vocab_size", or "val", "bytes"); a clear error if it is missing."""
+    v = meta
+    for key in keys:
+        v = v.get(key) if isinstance(v, dict) else None
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise DataError("missing or bad value", file=str(Path(data_dir) / "meta.json"), field=".".join(keys))
+    return v
 
 
-def _meta_value(meta: dict, split: str, what: str):
-    """Per-split numbers, wherever the shard writer keeps them (splits.val.bytes, val_bytes, val.bytes)."""
-    for get in (lambda: meta["splits"][split][what], lambda: meta[f"{split}_{what}"],
-                lambda: meta[split][what], lambda: meta[what][split]):
-        try:
-            return get()
-        except (KeyError, TypeError):
-            pass
-    return None
+def load_data(data_dir):
+    """(train tokens, val tokens, vocab_size, bos_id, val UTF-8 bytes) from a `lmforge data prepare` directory."""
+    from lmforge.data.shards import load_shards  # the one reader of the shard format (checks sizes vs meta)
 
-
-def _meta_field(meta, data_dir, field):
-    if field not in meta:
-        raise DataError(f"meta.json has no '{field}'", file=str(Path(data_dir) / "meta.json"), field=field)
-    return meta[field]
-
-
-def read_split(data_dir, split: str, meta: dict | None = None) -> tuple[np.ndarray, int | None]:
-    """Memory-map `<split>.bin`; return (tokens, UTF-8 byte count from meta.json or None)."""
-    meta = meta if meta is not None else read_shards_meta(data_dir)
-    path = Path(data_dir) / f"{split}.bin"
-    try:
-        dtype = np.dtype(_meta_field(meta, data_dir, "dtype"))
-    except TypeError:
-        raise DataError(f"unknown dtype {meta['dtype']!r}", file=str(Path(data_dir) / "meta.json"),
-                        field="dtype") from None
-    if not path.is_file():
-        raise DataError(f"{split} split not found", file=str(path))
-    if path.stat().st_size % dtype.itemsize:
-        raise DataError(f"size is not a multiple of {dtype.itemsize} bytes ({dtype.name})", file=str(path))
-    tokens = np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r") if path.stat().st_size else \
-        np.zeros(0, dtype=dtype)
-    expected = _meta_value(meta, split, "tokens")
-    if expected is not None and int(expected) != len(tokens):
-        raise DataError(f"meta.json says {expected} tokens but the file holds {len(tokens)}", file=str(path))
-    n_bytes = _meta_value(meta, split, "bytes")
-    return tokens, (int(n_bytes) if n_bytes is not None else None)
+    train, val, meta = load_shards(data_dir)
+    return (train, val, _meta_int(meta, data_dir, "vocab_size"), _meta_int(meta, data_dir, "bos_id"),
+            _meta_int(meta, data_dir, "val", "bytes"))
 
 
 # ------------------------------------------------------------------------------------------ sweep + CLI
@@ -439,13 +407,7 @@ def read_split(data_dir, split: str, meta: dict | None = None) -> tuple[np.ndarr
 def markov_sweep(data_dir, orders=(1, 2, 3, 4, 5), smoothing: str = "kn", k: float = 0.1,
                  max_train_tokens: int | None = None, progress: bool = True) -> list[dict]:
     """Train and evaluate one model per order on a shard directory: the 'table explodes with n' table."""
-    meta = read_shards_meta(data_dir)
-    vocab_size = int(_meta_field(meta, data_dir, "vocab_size"))
-    bos_id = int(_meta_field(meta, data_dir, "bos_id"))
-    train, _ = read_split(data_dir, "train", meta)
-    val, val_bytes = read_split(data_dir, "val", meta)
-    if val_bytes is None:
-        raise DataError("meta.json has no byte count for the val split", file=str(Path(data_dir) / "meta.json"))
+    train, val, vocab_size, bos_id, val_bytes = load_data(data_dir)
     if max_train_tokens is not None:
         train = train[:max_train_tokens]
     train = np.asarray(train, dtype=np.int64)  # one copy, shared by every order
@@ -493,13 +455,11 @@ def _parse_orders(text: str) -> list[int]:
 
 
 def cmd_train(args) -> int:
-    meta = read_shards_meta(args.data)
-    train, _ = read_split(args.data, "train", meta)
+    train, _, vocab_size, bos_id, _ = load_data(args.data)
     if args.max_tokens is not None:
         train = train[:args.max_tokens]
     t0 = time.perf_counter()
-    model = MarkovModel.fit(train, args.order, int(_meta_field(meta, args.data, "vocab_size")),
-                            int(_meta_field(meta, args.data, "bos_id")), args.smoothing, args.k, progress=True)
+    model = MarkovModel.fit(train, args.order, vocab_size, bos_id, args.smoothing, args.k, progress=True)
     seconds = time.perf_counter() - t0
     model.save(args.out)
     st = model.table_stats()

@@ -251,6 +251,8 @@ class Transformer(nn.Module):
         # N(0, init_std); projections that write into the residual stream get init_std / sqrt(2 * n_layer)
         # so the residual's variance does not grow with depth (GPT-2 paper, nanoGPT).
         std = self.config.init_std
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            return  # shapes only (e.g. before loading a checkpoint): nothing to fill, and normal_ on meta is slow
         if isinstance(module, nn.Linear):
             if getattr(module, "is_residual_proj", False):
                 std = std / math.sqrt(2 * self.config.n_layer)
@@ -304,7 +306,8 @@ class Transformer(nn.Module):
         if cfg.pos == "learned":
             x = x + self.pos_emb(position_ids)
         elif cfg.pos == "sinusoidal":
-            x = x + sinusoidal_embedding(position_ids, cfg.d_model).to(x.dtype)
+            # Vaswani et al. scale the embeddings by sqrt(d_model) so the unit-amplitude sinusoids don't drown them
+            x = x * math.sqrt(cfg.d_model) + sinusoidal_embedding(position_ids, cfg.d_model).to(x.dtype)
         x = self.emb_drop(x)
         rope = rope_cos_sin(position_ids, self.rope_inv_freq) if cfg.pos == "rope" else None
         mask = self._attention_mask(attn_mask, pad, B, T, past, idx.device)

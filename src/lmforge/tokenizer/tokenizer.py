@@ -1,0 +1,353 @@
+"""The Tokenizer: a trained byte-level BPE (merges + split pattern + special tokens) that encodes with tiktoken.
+
+Training happens in `bpe.py`; this object only *uses* the merges. The merges are the source of truth:
+merge i turns the pair (left_id, right_id) into the new id 256 + i, ids 0..255 are the raw bytes, and the
+special tokens come right after the merges. From the merges we build, offline, a `tiktoken.Encoding`
+(mergeable ranks = bytes of each token -> its id), so encoding runs in tiktoken's Rust code, threads included.
+
+tiktoken merges by the rank of the *merged bytes*, Hugging Face's BPE by the rank of the *merge pair*; for
+ranks produced by BPE training the two agree (tests check it against `tokenizers` on many scripts).
+
+Plain text never produces a special token: "<|bos|>" typed in a document is encoded as ordinary text.
+Specials are added on purpose only (`bos=True`, `eos=True`, or by the chat template via `special_tokens`).
+
+On disk (`save` / `load`), a tokenizer is a directory:
+    tokenizer.model        text: a header line, then one merge per line "left_id right_id" (in merge order)
+    tokenizer_meta.json    pattern, special tokens, sizes, format version and the hash of all of it
+    tokenizer.json         the same tokenizer for Hugging Face `tokenizers` / `transformers` (see export_hf)
+    tokenizer_config.json  transformers' side file (tokenizer class, bos/eos/pad names)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import tiktoken
+
+from lmforge import __version__
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError
+
+# ---------------------------------------------------------------------------------------------------------
+# Special tokens. ONE list, in id order (first special id = 256 + n_merges). Later stages import these names
+# (the chat template uses the role markers). The list is padded with reserved slots to a round 16 so that
+# new specials can be given meaning later without changing the vocabulary size of trained models.
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+SYSTEM, USER, ASSISTANT, TOOL = "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"
+END = "<|end|>"                       # ends one chat message
+TOOL_CALL, TOOL_RESULT = "<|tool_call|>", "<|tool_result|>"
+N_SPECIAL_SLOTS = 16
+SPECIAL_TOKENS: list[str] = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, TOOL, END, TOOL_CALL, TOOL_RESULT]
+SPECIAL_TOKENS += [f"<|reserved_{i}|>" for i in range(N_SPECIAL_SLOTS - len(SPECIAL_TOKENS))]
+
+MODEL_FILE, META_FILE = "tokenizer.model", "tokenizer_meta.json"
+HF_FILE, HF_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
+FORMAT_NAME, FORMAT_VERSION = "lmforge-bpe", 1
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer. Build it from merges, `Tokenizer.train(...)` it, or `Tokenizer.load(dir)` it."""
+
+    def __init__(self, merges: Sequence[tuple[int, int]], pattern: str, special_tokens: list[str] | None = None):
+        self.merges: tuple[tuple[int, int], ...] = tuple((int(a), int(b)) for a, b in merges)
+        self.pattern = pattern
+        specials = list(SPECIAL_TOKENS if special_tokens is None else special_tokens)
+        if len(set(specials)) != len(specials):
+            raise ConfigError("special tokens must be distinct", field="special_tokens")
+
+        # bytes of every id: 0..255 raw bytes, then each merge concatenates its two parts
+        token_bytes = [bytes([i]) for i in range(256)]
+        seen: dict[bytes, int] = {b: i for i, b in enumerate(token_bytes)}
+        for i, (a, b) in enumerate(self.merges):
+            new_id = 256 + i
+            if not (0 <= a < new_id and 0 <= b < new_id):
+                raise ValueError(f"merge {i} ({a}, {b}) uses an id that does not exist yet (< {new_id})")
+            tb = token_bytes[a] + token_bytes[b]
+            # tiktoken (and HF's vocab) map bytes -> ONE id; two merges making the same bytes cannot be encoded
+            if tb in seen:
+                raise ValueError(f"merge {i} ({a}, {b}) makes {tb!r}, which is already token {seen[tb]}")
+            seen[tb] = new_id
+            token_bytes.append(tb)
+        first_special = 256 + len(self.merges)
+        self.special_tokens: dict[str, int] = {s: first_special + j for j, s in enumerate(specials)}
+        self._token_bytes = token_bytes + [s.encode("utf-8") for s in specials]
+        self._hash: str | None = None
+
+        try:
+            self._enc = tiktoken.Encoding(
+                name=f"lmforge-{first_special + len(specials)}",
+                pat_str=pattern, mergeable_ranks=seen, special_tokens=self.special_tokens)
+            self._enc.encode_ordinary("probe 123")  # compiles the regex now, not at the first real call
+        except ValueError as e:  # fancy-regex compile errors surface here
+            raise ConfigError(f"split pattern is not a valid regex: {e}", field="pattern") from None
+
+    # ---- training -------------------------------------------------------------------------------------
+    @classmethod
+    def train(cls, docs: Iterable[str], vocab_size: int, pattern: str = "gpt4", min_frequency: int = 2,
+              progress: bool = True, special_tokens: list[str] | None = None) -> "Tokenizer":
+        """Learn merges on `docs`. `vocab_size` counts the 256 byte tokens and the special tokens too,
+        so the trainer learns vocab_size - 256 - n_specials merges (fewer if pairs run out below min_frequency)."""
+        specials = list(SPECIAL_TOKENS if special_tokens is None else special_tokens)
+        num_merges = vocab_size - 256 - len(specials)
+        if num_merges < 0:
+            raise ConfigError(f"vocab size {vocab_size} is too small: it must be at least "
+                              f"{256 + len(specials)} (256 bytes + {len(specials)} special tokens)",
+                              field="vocab_size")
+        from lmforge.tokenizer.bpe import resolve_pattern, train_bpe  # the trainer is only needed here
+        regex = resolve_pattern(pattern)
+        merges = train_bpe(docs, num_merges, pattern=regex, min_frequency=min_frequency,
+                           progress=progress) if num_merges else []
+        return cls(merges, regex, specials)
+
+    # ---- sizes and ids --------------------------------------------------------------------------------
+    @property
+    def n_merges(self) -> int:
+        return len(self.merges)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._token_bytes)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def special_id(self, token: str) -> int:
+        try:
+            return self.special_tokens[token]
+        except KeyError:
+            raise LmforgeError(f"this tokenizer has no special token {token}") from None
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_id(BOS)
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_id(EOS)
+
+    @property
+    def pad_id(self) -> int:
+        return self.special_id(PAD)
+
+    def is_special(self, i: int) -> bool:
+        return i >= 256 + len(self.merges)
+
+    def id_to_bytes(self, i: int) -> bytes:
+        """The bytes of one token (a special token gives its text). A lone token may be a partial UTF-8 char."""
+        self._check_ids([i])
+        return self._token_bytes[i]
+
+    def token_str(self, i: int) -> str:
+        """One token as readable text; bytes that are not whole UTF-8 characters show as \\xNN."""
+        return self.id_to_bytes(i).decode("utf-8", errors="backslashreplace")
+
+    # ---- encode / decode ------------------------------------------------------------------------------
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Text -> ids. Special-token strings inside `text` are ordinary text; bos/eos add the real ones."""
+        ids = self._enc.encode_ordinary(text)
+        if bos:
+            ids.insert(0, self.bos_id)
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False,
+                     num_threads: int = 2) -> list[list[int]]:
+        """Many texts at once on tiktoken's thread pool (its Rust code releases the GIL)."""
+        out = self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
+        if bos or eos:
+            b, e = ([self.bos_id] if bos else []), ([self.eos_id] if eos else [])
+            out = [b + ids + e for ids in out]
+        return out
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        ids = self._check_ids(ids)
+        return self._enc.decode_bytes(ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids -> text. Never fails on byte sequences that are not valid UTF-8 (a model can emit half a
+        character): those become U+FFFD. An id outside the vocabulary is an error (LmforgeError)."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def _check_ids(self, ids) -> list[int]:
+        if hasattr(ids, "tolist"):  # numpy array / torch tensor
+            ids = ids.tolist()
+        ids = list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise LmforgeError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return ids
+
+    # ---- identity ---------------------------------------------------------------------------------------
+    def hash(self) -> str:
+        """sha256 of merges + pattern + specials: equal hashes mean identical encodings (token shards record it)."""
+        if self._hash is None:
+            self._hash = self._compute_hash()
+        return self._hash
+
+    def _compute_hash(self) -> str:
+        blob = json.dumps({"format": FORMAT_NAME, "merges": self.merges, "pattern": self.pattern,
+                           "special_tokens": list(self.special_tokens)}, separators=(",", ":"))
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Tokenizer) and self.hash() == other.hash()
+
+    def __hash__(self) -> int:
+        return hash(self.hash())
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(vocab_size={self.vocab_size}, n_merges={self.n_merges}, "
+                f"n_special={len(self.special_tokens)}, hash={self.hash()[:12]})")
+
+    # ---- save / load ----------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write our own files plus the Hugging Face tokenizer.json / tokenizer_config.json."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        lines = [f"{FORMAT_NAME} v{FORMAT_VERSION}"] + [f"{a} {b}" for a, b in self.merges]
+        _write_atomic(d / MODEL_FILE, "\n".join(lines) + "\n")
+        meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "lmforge_version": __version__,
+                "pattern": self.pattern, "special_tokens": list(self.special_tokens),
+                "n_merges": self.n_merges, "vocab_size": self.vocab_size, "hash": self.hash()}
+        _write_atomic(d / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        self.export_hf(d)
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Tokenizer":
+        """Read a directory written by `save` (or a checkpoint directory holding one in `tokenizer/`)."""
+        d = Path(directory)
+        if not d.is_dir():
+            raise CheckpointError("tokenizer directory not found", file=str(d))
+        if not (d / META_FILE).exists() and (d / "tokenizer" / META_FILE).exists():
+            d = d / "tokenizer"
+        meta_path, model_path = d / META_FILE, d / MODEL_FILE
+        meta = _read_json(meta_path)
+        for key, typ in (("format", str), ("version", int), ("pattern", str), ("special_tokens", list),
+                         ("hash", str)):
+            if not isinstance(meta.get(key), typ):
+                raise CheckpointError(f"missing or invalid '{key}'", file=str(meta_path), field=key)
+        if meta["format"] != FORMAT_NAME or meta["version"] > FORMAT_VERSION:
+            raise CheckpointError(f"unsupported tokenizer format {meta['format']} v{meta['version']} "
+                                  f"(this lmforge reads {FORMAT_NAME} v{FORMAT_VERSION})", file=str(meta_path))
+        merges = _read_merges(model_path)
+        try:
+            tok = cls(merges, meta["pattern"], meta["special_tokens"])
+        except (ValueError, LmforgeError) as e:
+            raise CheckpointError(f"corrupt tokenizer: {e}", file=str(model_path)) from None
+        if tok.hash() != meta["hash"]:
+            raise CheckpointError(f"hash mismatch: {MODEL_FILE} and {META_FILE} do not belong together "
+                                  "(edited or mixed files)", file=str(d))
+        return tok
+
+    # ---- Hugging Face ---------------------------------------------------------------------------------
+    def to_hf_json(self) -> dict:
+        """The `tokenizers` JSON: byte-level BPE whose vocab strings use GPT-2's bytes->unicode alphabet.
+
+        Pre-tokenization: our split regex (Split, isolated) then ByteLevel without its own regex.
+        `ignore_merges=True` makes a pre-split piece that is itself a vocab entry one token, as tiktoken does.
+        Difference to our `encode`: HF matches added (special) tokens in raw text, so "<|bos|>" in a text
+        becomes the special id there; set `tok.encode_special_tokens = True` (tokenizers) or
+        `split_special_tokens=True` (transformers) for exactly our plain-text behaviour.
+        """
+        b2u = _bytes_to_unicode()
+        as_str = [''.join(b2u[b] for b in tb) for tb in self._token_bytes[:256 + self.n_merges]]
+        return {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for s, i in self.special_tokens.items()],
+            "normalizer": None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ]},
+            "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": True,
+                      "vocab": {s: i for i, s in enumerate(as_str)},
+                      "merges": [[as_str[a], as_str[b]] for a, b in self.merges]},
+        }
+
+    def export_hf(self, directory: str | os.PathLike) -> Path:
+        """Write tokenizer.json + tokenizer_config.json, loadable by `tokenizers.Tokenizer.from_file` and
+        `transformers.PreTrainedTokenizerFast` / `AutoTokenizer.from_pretrained(directory)`."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        _write_atomic(d / HF_FILE, json.dumps(self.to_hf_json(), ensure_ascii=False) + "\n")
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000_000,
+                  "clean_up_tokenization_spaces": False, "add_prefix_space": False,
+                  "lmforge_tokenizer_hash": self.hash()}
+        for key, tok in (("bos_token", BOS), ("eos_token", EOS), ("pad_token", PAD)):
+            if tok in self.special_tokens:
+                config[key] = tok
+        config["additional_special_tokens"] = [s for s in self.special_tokens if s not in (BOS, EOS, PAD)]
+        _write_atomic(d / HF_CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        return d / HF_FILE
+
+
+@lru_cache(maxsize=1)
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode char map (HF byte-level BPE vocab strings use it):
+    printable latin-1 bytes map to themselves, the other 68 bytes to chars from U+0100 upward."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError("file not found (not a tokenizer directory?)", file=str(path)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read: {e}", file=str(path)) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"invalid JSON: {e.msg}", file=str(path), line=e.lineno) from None
+    if not isinstance(data, dict):
+        raise CheckpointError("expected a JSON object", file=str(path), line=1)
+    return data
+
+
+def _read_merges(path: Path) -> list[tuple[int, int]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise CheckpointError("file not found", file=str(path)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read: {e}", file=str(path)) from None
+    header = f"{FORMAT_NAME} v{FORMAT_VERSION}"
+    if not lines or lines[0].strip() != header:
+        raise CheckpointError(f"first line must be '{header}'", file=str(path), line=1)
+    merges = []
+    for n, line in enumerate(lines[1:], start=2):
+        parts = line.split()
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise CheckpointError(f"expected two token ids 'left right', got {line[:40]!r}", file=str(path), line=n)
+        merges.append((int(parts[0]), int(parts[1])))
+    return merges

@@ -354,7 +354,8 @@ def test_split_utf8_tail():
 # ------------------------------------------------------------------------------------------ progress
 
 
-def test_progress_bar_on_stderr_and_disabled(tmp_path, capsys):
+def test_progress_bar_on_stderr_and_disabled(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(corpus_mod, "PROGRESS_DELAY_S", 0)
     p = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello"}] * 10)
     c = Corpus([str(p)])
     list(c.documents(progress=False))
@@ -363,6 +364,15 @@ def test_progress_bar_on_stderr_and_disabled(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and "reading corpus" in captured.err and "B/s" in captured.err
     assert f"{p.stat().st_size}/{p.stat().st_size}" in captured.err
+
+
+def test_progress_bar_cleared_on_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(corpus_mod, "PROGRESS_DELAY_S", 0)
+    p = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello"}, "{bad"])
+    with pytest.raises(DataError):
+        list(Corpus([str(p)]).documents(progress=True))
+    err = capsys.readouterr().err
+    assert "reading corpus" in err and err.endswith("\r")     # the bar line is wiped, no newline left behind
 
 
 def test_stats_reset_each_pass(tmp_path):

@@ -283,14 +283,15 @@ class Corpus:
     def iter_sources(self, progress: bool = True) -> Iterator[tuple[str, Iterator[str]]]:
         """(label, that source's documents) per file (a directory gives one entry per file) or built-in.
         Consume each inner iterator before taking the next pair (like itertools.groupby)."""
-        from tqdm import tqdm
         self.stats = CorpusStats(skipped_files=list(self._skipped))
-        bar = tqdm(total=self.total_bytes, desc="reading corpus", unit="B", unit_scale=True, unit_divisor=1024,
-                   file=sys.stderr, disable=not progress, dynamic_ncols=True)
+        bar = progress_bar(self.total_bytes, "reading corpus", progress)
         try:
             for unit in self._units:
                 yield unit.label, self._read(unit, bar)
             self._finish_pass()
+        except BaseException:
+            bar.leave = False     # an error message alone on its line, not under a dead bar
+            raise
         finally:
             bar.close()
 
@@ -330,6 +331,16 @@ class Corpus:
             why += [f"{s.bad_lines} bad lines skipped"] if s.bad_lines else []
             raise DataError(f"the corpus has no documents: {', '.join(self.sources)}"
                             + (f" ({', '.join(why)})" if why else ""))
+
+
+PROGRESS_DELAY_S = 1.0   # bars appear only for work that takes longer than this
+
+
+def progress_bar(total_bytes: int, desc: str, enabled: bool = True):
+    """A tqdm bar on stderr counting bytes (so it shows MB/s); hidden for quick work and when disabled."""
+    from tqdm import tqdm
+    return tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                disable=not enabled, dynamic_ncols=True, delay=PROGRESS_DELAY_S)
 
 
 def warn(message: str) -> None:

@@ -64,6 +64,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     p.add_argument("--device", default="auto")
 
+    # generate
+    p = verb(verbs, "generate", "lmforge.infer.generate:cmd_generate",
+             "generate text from a checkpoint (streams to the terminal)")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint (or run) directory")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    # sampling: unset options come from the checkpoint's generation_config.json, else SamplingParams defaults
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="HF-style, > 1 discourages repeats")
+    p.add_argument("--presence-penalty", type=float, default=None, help="OpenAI-style, in [-2, 2]")
+    p.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI-style, in [-2, 2]")
+    p.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=256,
+                   help="most tokens to generate (default 256)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop before this text (repeatable); it is never printed")
+    p.add_argument("--seed", type=int, default=None, help="seed: same seed, same output")
+    p.add_argument("--logprobs", type=int, default=None, metavar="K",
+                   help="print each token's logprob and the K most likely alternatives (stderr)")
+    p.add_argument("--no-stream", action="store_true", help="print the text once, at the end")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--precision", default="fp32", help="fp32 (default) | bf16 | fp16 | auto (autocast)")
+
     # data
     data = verbs.add_parser("data", help="corpora: list built-ins, prepare token shards",
                             description="corpora: list built-ins, prepare token shards")

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source_options(p)
     p = verb(tsub, "encode", "lmforge.tokenizer.cli:cmd_encode", "show ids and token boundaries of a text")
     p.add_argument("--tokenizer", required=True, metavar="DIR")
-    p.add_argument("text", help="text to encode")
+    p.add_argument("text", help="text to encode ('-' reads standard input)")
     p = verb(tsub, "stats", "lmforge.tokenizer.cli:cmd_stats",
              "bytes/token, chars/token and tokens per 1000 chars, per file and per script")
     p.add_argument("--tokenizer", required=True, metavar="DIR")

@@ -242,6 +242,23 @@ def test_parquet_null_rows_and_binary_column(tmp_path, capsys):
         docs([bad])
 
 
+def test_parquet_corrupt_file(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"not parquet" * 10)
+    with pytest.raises(DataError, match=rf"^{junk}: not a readable parquet file \(.*magic bytes"):
+        docs([junk])
+    p = tmp_path / "damaged.parquet"
+    pq.write_table(pa.table({"text": ["a" * 1000] * 5000}), p, row_group_size=1000)
+    raw = bytearray(p.read_bytes())
+    raw[2000:6000] = b"\x55" * 4000      # clobber the second row group's pages, footer intact
+    p.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=rf"^{p}: corrupt parquet data near row \d+ \(") as e:
+        docs([p])
+    assert "\n" not in str(e.value)
+
+
 def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
     p = tmp_path / "d.parquet"
     p.write_bytes(b"PAR1")

@@ -183,7 +183,7 @@ def read_parquet(path: str, text_field: str, stats, skip_bad_lines: bool) -> Ite
                     stats.replaced_chars += bad
                 yield value
             stats.bytes_read += size * row // rows_total - size * start // rows_total
-    except pa.ArrowException as e:
+    except (pa.ArrowException, OSError) as e:
         raise DataError(f"corrupt parquet data near row {row + 1} ({e})", file=path) from None
 
 

@@ -30,9 +30,7 @@ def cmd_bpb(args) -> int:
 
 
 def _split_bytes(meta: dict, split: str):
-    for getter in (lambda m: m["splits"][split]["bytes"], lambda m: m[f"{split}_bytes"]):
-        try:
-            return int(getter(meta))
-        except (KeyError, TypeError):
-            continue
-    return None
+    try:
+        return int(meta[split]["bytes"])
+    except (KeyError, TypeError, ValueError):
+        return None

@@ -272,8 +272,9 @@ def test_padded_batch_without_cache_and_explicit_position_ids():
         assert torch.isfinite(out).all()  # padding rows must not turn into NaN
         assert (out[0] - m(a[None])[0][0]).abs().max() < 1e-5
         assert (out[1, 3:] - m(b[None])[0][0]).abs().max() < 1e-5
-        _, _, att = m(idx, attn_mask=mask, position_ids=pos_ids, return_attn=True)
+        explicit, _, att = m(idx, attn_mask=mask, position_ids=pos_ids, return_attn=True)
         assert (att[1][1, :, 3:, :3] == 0).all()  # real tokens give no weight to padding
+        assert torch.isfinite(explicit).all() and torch.allclose(explicit[1, 3:], out[1, 3:], atol=1e-5)
 
 
 def test_return_attn_weights():
@@ -362,6 +363,19 @@ def test_param_groups_and_init():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_meta_build_then_load_state_dict(pos):
+    # how a checkpoint loader avoids initialising weights it is about to overwrite
+    cfg = tiny(pos=pos, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    src = model_for(cfg)
+    with torch.device("meta"):
+        dst = Transformer(cfg)
+    dst.to_empty(device="cpu")
+    dst.load_state_dict(src.state_dict())
+    idx = torch.randint(0, 61, (2, 10))
+    assert torch.equal(src(idx)[0], dst.eval()(idx)[0])
+
+
 def test_dropout_only_in_training():
     m = model_for(tiny(dropout=0.3))
     idx = torch.randint(0, 61, (2, 8))
@@ -397,7 +411,9 @@ def test_bf16_autocast(device, n_kv_heads):
 # ---------------------------------------------------------------------------------------------------------------
 # parity with Hugging Face implementations (random weights, fp32, eager attention)
 
-transformers = pytest.importorskip("transformers")
+@pytest.fixture(scope="module")
+def transformers():
+    return pytest.importorskip("transformers")  # a dev dependency: the reference implementations
 
 
 def _from_gpt2(hf, cfg):
@@ -464,7 +480,7 @@ def _check_parity(hf, cfg, convert, T=24, pad_left=False):
             assert (got[real] - ref[real]).abs().max() <= 1e-4
 
 
-def test_parity_gpt2():
+def test_parity_gpt2(transformers):
     hc = transformers.GPT2Config(vocab_size=101, n_positions=64, n_embd=48, n_layer=2, n_head=4,
                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
     torch.manual_seed(0)
@@ -475,12 +491,14 @@ def test_parity_gpt2():
     _check_parity(hf, cfg, _from_gpt2, pad_left=True)
 
 
-@pytest.mark.parametrize("rope_scaling", [None, "llama3"])
-def test_parity_llama(rope_scaling):
-    # GQA 4/2, a non-default theta, untied head; llama3 scaling with a short original context so positions
-    # 0..23 cross all three bands (kept, blended, slowed)
-    rs = None if rope_scaling is None else {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+@pytest.mark.parametrize("rope_scaling", [None, "llama3", "linear"])
+def test_parity_llama(transformers, rope_scaling):
+    # GQA 4/2, a non-default theta, untied head; llama3 scaling with a short original context so that the
+    # head's frequencies fall in all three bands (kept, blended, slowed)
+    rs = {None: None,
+          "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 64},
+          "linear": {"rope_type": "linear", "factor": 4.0}}[rope_scaling]
     hc = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                   rms_norm_eps=1e-5, tie_word_embeddings=False,
@@ -493,7 +511,7 @@ def test_parity_llama(rope_scaling):
     _check_parity(hf, cfg, _from_llama, pad_left=True)
 
 
-def test_parity_qwen2():
+def test_parity_qwen2(transformers):
     hc = transformers.Qwen2Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
                                   rms_norm_eps=1e-6, tie_word_embeddings=True,
@@ -507,7 +525,7 @@ def test_parity_qwen2():
     _check_parity(hf, cfg, _from_llama)
 
 
-def test_parity_qwen3_qk_norm_and_explicit_head_dim():
+def test_parity_qwen3_qk_norm_and_explicit_head_dim(transformers):
     hc = transformers.Qwen3Config(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                   max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=True,
@@ -520,7 +538,7 @@ def test_parity_qwen3_qk_norm_and_explicit_head_dim():
     _check_parity(hf, cfg, _from_llama)
 
 
-def test_parity_mistral_sdpa():
+def test_parity_mistral_sdpa(transformers):
     hc = transformers.MistralConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                     num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64,
                                     sliding_window=None, rms_norm_eps=1e-5, tie_word_embeddings=False,

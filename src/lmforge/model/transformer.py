@@ -32,7 +32,7 @@ _SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/head_dim), i < head_dim/2, optionally rescaled for long context."""
     # fp32, as Meta's and HF's reference code compute it: pretrained weights were trained with these values
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
     if scaling is not None:
         factor = scaling["factor"]
         if scaling["rope_type"] == "linear":  # positions divided by factor == frequencies divided by factor
@@ -51,7 +51,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> t
 def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape (B, T, head_dim) for positions (B, T), in fp32 whatever autocast says."""
     with torch.autocast(device_type=position_ids.device.type, enabled=False):
-        freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # (B, T, hd/2)
+        freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos(), emb.sin()
 
@@ -241,10 +241,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        if cfg.pos == "rope":
-            # a buffer (moves with .to(device)) but not saved: it is a pure function of the config
-            self.register_buffer("rope_inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
-                                 persistent=False)
+        # RoPE frequencies are a pure function of the config: kept per device outside the state dict (not a
+        # buffer, so a model built on the meta device and filled by load_state_dict still gets correct ones)
+        self._rope_freqs: dict[torch.device, torch.Tensor] = {}
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -309,7 +308,7 @@ class Transformer(nn.Module):
             # Vaswani et al. scale the embeddings by sqrt(d_model) so the unit-amplitude sinusoids don't drown them
             x = x * math.sqrt(cfg.d_model) + sinusoidal_embedding(position_ids, cfg.d_model).to(x.dtype)
         x = self.emb_drop(x)
-        rope = rope_cos_sin(position_ids, self.rope_inv_freq) if cfg.pos == "rope" else None
+        rope = rope_cos_sin(position_ids, self._rope_inv_freq(idx.device)) if cfg.pos == "rope" else None
         mask = self._attention_mask(attn_mask, pad, B, T, past, idx.device)
 
         attentions = []
@@ -328,6 +327,14 @@ class Transformer(nn.Module):
             logits = self.lm_head(x)
             loss = self._loss(logits, targets, loss_mask, reduction)
         return (logits, loss, attentions) if return_attn else (logits, loss)
+
+    def _rope_inv_freq(self, device) -> torch.Tensor:
+        freqs = self._rope_freqs.get(device)
+        if freqs is None:
+            cfg = self.config
+            freqs = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+            self._rope_freqs[device] = freqs
+        return freqs
 
     @staticmethod
     def _attention_mask(attn_mask, pad, B, T, past, device):

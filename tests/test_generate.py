@@ -347,3 +347,23 @@ def test_cli_errors_are_one_line(tmp_path, ckpt, capsys):
     rc = main(["generate", "--checkpoint", str(ckpt), "--prompt", "hi", "--top-p", "1.5", "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "top_p" in err
+
+
+def test_cli_defaults_come_from_generation_config(tmp_path, tok, capsys):
+    from lmforge.train.checkpoint import save_checkpoint
+    model = tiny_model(tok.vocab_size)
+    path = save_checkpoint(tmp_path / "c", model=model, model_config=model.config.to_dict(), tokenizer=tok,
+                           generation_config={"max_new_tokens": 3, "temperature": 0, "eos_token_id": 1})
+    greedy = generate(model, tok, "Hi", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    assert greedy.finish_reason == "length"  # this tiny model does not stop by itself in 5 tokens
+    base = ["generate", "--checkpoint", str(path), "--prompt", "Hi", "--device", "cpu"]
+    assert main(base) == 0
+    out, err = capsys.readouterr()
+    assert out == tok.decode(greedy.token_ids[:3]) + "\n" and "[3 tokens" in err
+    assert main(base + ["--max-new-tokens", "5"]) == 0
+    out, err = capsys.readouterr()
+    assert out == greedy.text + "\n" and "[5 tokens" in err
+    (path / "generation_config.json").write_text('{"top_p": 7}')
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "generation_config.json" in err and "top_p" in err

@@ -5,8 +5,10 @@ import pytest
 import torch
 from transformers.generation.logits_process import (
     LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -66,6 +68,31 @@ def test_matches_hf_logits_processors(kw):
     # the filters really did something in the filtering combos (guards against a vacuous comparison)
     if kw.get("top_k") or kw.get("top_p") or kw.get("min_p"):
         assert torch.isinf(ours).any()
+
+
+@pytest.mark.parametrize("n_out", [3, 6])
+def test_bias_and_min_tokens_match_hf_order(n_out):
+    """HF's generate() order: SequenceBias -> RepetitionPenalty -> MinNewTokens -> warpers. We mask min_tokens
+    before the penalty; the results must agree (the penalty keeps -inf at -inf)."""
+    g = torch.Generator().manual_seed(5)
+    B, P = 3, 5
+    logits = torch.randn(B, V, generator=g) * 2
+    ids = torch.randint(0, V, (B, P + n_out), generator=g)
+    ids[:, P] = 9  # an EOS / stop id in every history, so the penalty meets the -inf mask
+    bias = {9: 3.0, 4: -2.5, int(ids[0, 0]): 1.5}
+    p = SamplingParams(logit_bias=bias, min_tokens=5, stop_token_ids=[11], repetition_penalty=1.3,
+                       temperature=0.7, top_k=12, top_p=0.9)
+    ours = process_logits(logits, p, prompt_ids=ids[:, :P].tolist(), output_ids=ids[:, P:].tolist(),
+                          eos_token_ids=[9])
+    hf = LogitsProcessorList([
+        SequenceBiasLogitsProcessor([[[i], b] for i, b in bias.items()]),
+        RepetitionPenaltyLogitsProcessor(1.3),
+        MinNewTokensLengthLogitsProcessor(P, 5, [9, 11]),
+        TemperatureLogitsWarper(0.7), TopKLogitsWarper(12), TopPLogitsWarper(0.9)])
+    ref = hf(ids, logits.clone())
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+    assert torch.isinf(ours[:, 9]).all() == (n_out < 5)
+    torch.testing.assert_close(ours.softmax(-1), ref.softmax(-1), atol=1e-6, rtol=0)
 
 
 def test_per_row_params_equal_separate_calls():

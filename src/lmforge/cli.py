@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=None, help="HF-style, > 1 discourages repeats")
     p.add_argument("--presence-penalty", type=float, default=None, help="OpenAI-style, in [-2, 2]")
     p.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI-style, in [-2, 2]")
-    p.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=256,
+    p.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=None,
                    help="most tokens to generate (default 256)")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop before this text (repeatable); it is never printed")

@@ -314,11 +314,12 @@ def load_for_inference(ckpt_path: str | Path, device: str = "auto"):
 GENERATION_CONFIG_KEYS = {"max_new_tokens": "max_tokens"}  # HF name -> ours; our own names pass through
 
 
-def params_from_generation_config(path: str | Path, **overrides) -> SamplingParams:
-    """SamplingParams from a checkpoint's generation_config.json (keys we know), then `overrides` (not None)."""
+def params_from_generation_config(path: str | Path, defaults: dict | None = None, **overrides) -> SamplingParams:
+    """SamplingParams from `defaults`, then a checkpoint's generation_config.json (the keys we know), then
+    `overrides` that are not None (command-line flags)."""
     names = {f.name for f in dataclasses.fields(SamplingParams)}
     gc_file = Path(path) / "generation_config.json"
-    values = {}
+    values = dict(defaults or {})
     if gc_file.is_file():
         try:
             gc = json.loads(gc_file.read_text())
@@ -330,17 +331,22 @@ def params_from_generation_config(path: str | Path, **overrides) -> SamplingPara
                 values[k] = v
         if gc.get("do_sample") is False:
             values["temperature"] = 0.0
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values.update(given)
     try:
         return SamplingParams(**values)
     except ConfigError as e:
-        if e.field is not None and e.field not in overrides:
+        if e.field is not None and e.field.split(".")[0] not in given:
             e.file = str(gc_file)  # the bad value came from the checkpoint, not the command line
         raise
 
 
 def _show_token(tokenizer, i: int) -> str:
-    return repr(tokenizer.id_to_bytes(i).decode("utf-8", errors="backslashreplace"))
+    b = tokenizer.id_to_bytes(i)
+    try:
+        return repr(b.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(b)  # part of a character: show the bytes
 
 
 def cmd_generate(args) -> int:
@@ -348,7 +354,7 @@ def cmd_generate(args) -> int:
 
     path = resolve_checkpoint(args.checkpoint)
     params = params_from_generation_config(
-        path, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        path, defaults={"max_tokens": 256}, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, max_tokens=args.max_new_tokens, stop=args.stop or None,
         seed=args.seed, logprobs=args.logprobs)

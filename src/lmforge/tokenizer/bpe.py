@@ -72,22 +72,33 @@ def resolve_pattern(name_or_regex: str) -> str:
 def _count_batch(pattern: str, docs: Sequence[str]) -> tuple[collections.Counter, int]:
     """Chunk counts and UTF-8 byte count of a batch of documents (runs in a worker process or inline)."""
     findall = regex.compile(pattern).findall  # regex caches compiled patterns, so this is cheap per batch
-    counts: collections.Counter = collections.Counter()
-    nbytes = 0
-    for doc in docs:
-        counts.update(findall(doc))
-        nbytes += len(doc.encode("utf-8", "surrogatepass"))
-    return counts, nbytes
+    counts = collections.Counter(itertools.chain.from_iterable(map(findall, docs)))
+    return counts, _utf8_len(docs)
+
+
+def _utf8_len(docs: Sequence[str]) -> int:
+    try:
+        return sum(map(len, map(str.encode, docs)))
+    except UnicodeEncodeError:  # lone surrogates: count them as the bytes we train on
+        return sum(len(d.encode("utf-8", "surrogatepass")) for d in docs)
 
 
 def _batches(docs: Iterable[str]):
-    """Group the document stream into lists of about _BATCH_CHARS characters (checking types on the way)."""
-    batch, size = [], 0
-    for i, doc in enumerate(docs):
-        if not isinstance(doc, str):
-            raise DataError(f"document {i} is a {type(doc).__name__}, expected str")
-        batch.append(doc)
-        size += len(doc)
+    """Cut the document stream into lists of about _BATCH_CHARS characters, checking that each is a str.
+
+    This runs in the main process while the workers split, so it takes documents 64 at a time and leaves
+    the per-document work (type check, length) to C.
+    """
+    it = iter(docs)
+    batch, size, seen = [], 0, 0
+    while group := list(itertools.islice(it, 64)):
+        if not set(map(type, group)) <= {str}:
+            for i, doc in enumerate(group):
+                if not isinstance(doc, str):
+                    raise DataError(f"document {seen + i} is a {type(doc).__name__}, expected str")
+        seen += len(group)
+        batch += group
+        size += sum(map(len, group))
         if size >= _BATCH_CHARS:
             yield batch
             batch, size = [], 0
@@ -114,7 +125,7 @@ def count_chunks(docs: Iterable[str], pattern: str = GPT4_PATTERN, progress: boo
     pattern = resolve_pattern(pattern)
     workers = _default_workers() if workers is None else max(1, int(workers))
     total: collections.Counter = collections.Counter()
-    bar = tqdm(desc="bpe: split + count", unit="B", unit_scale=True, disable=not progress, leave=False)
+    bar = tqdm(desc="bpe: split + count chunks", unit="B", unit_scale=True, disable=not progress)
 
     def add(result):
         counts, nbytes = result
@@ -193,7 +204,7 @@ def train_bpe_from_counts(chunk_counts: Mapping[str, int], num_merges: int, min_
     # when it appeared (a word may have lost it since: such "stale" words are skipped when merging).
     pair_counts: dict[str, int] = {}
     where: dict[str, list[int]] = {}
-    for idx, w in enumerate(words):
+    for idx, w in enumerate(tqdm(words, desc="bpe: count pairs", unit="word", disable=not progress)):
         n = counts[idx]
         for i in range(len(w) - 1):
             pair = w[i:i + 2]
@@ -212,7 +223,7 @@ def train_bpe_from_counts(chunk_counts: Mapping[str, int], num_merges: int, min_
     heappop, heappush = heapq.heappop, heapq.heappush  # local names: this loop runs once per heap entry
 
     merges: list[str] = []
-    bar = tqdm(total=num_merges, desc="bpe: merge", unit="merge", disable=not progress, leave=False)
+    bar = tqdm(total=num_merges, desc="bpe: merge", unit="merge", disable=not progress)
     while len(merges) < num_merges and heap:
         negcount, pair = heappop(heap)
         count = pair_counts.get(pair, 0)
@@ -240,12 +251,12 @@ def _merge_pair(pair: str, z: str, words: list[str], counts: list[int], pair_cou
     pair (b, a) goes once and the new pair (z, z) comes once, so the right side is skipped when it is `z`.
     """
     a, b = pair
-    new: dict[str, list[int]] = {}  # pairs born in this step (all contain z) -> words holding them
+    born: dict[str, list[int]] = {}  # pairs born in this step (all contain z) -> [count, word indices...]
     for idx in where.pop(pair):
         w = words[idx]
-        if pair not in w:  # stale: an earlier merge took this word's occurrences
-            continue
         w2 = w.replace(pair, z)  # non-overlapping, left to right: the same rewrite as rustbpe
+        if len(w2) == len(w):    # stale: an earlier merge took this word's occurrences
+            continue
         words[idx] = w2
         n = counts[idx]
         last = len(w2) - 1
@@ -254,32 +265,31 @@ def _merge_pair(pair: str, z: str, words: list[str], counts: list[int], pair_cou
             if p > 0:
                 left = w2[p - 1]
                 pair_counts[(b if left == z else left) + a] -= n
-                born = left + z
-                if born in new:
-                    pair_counts[born] += n
-                    if new[born][-1] != idx:
-                        new[born].append(idx)
+                entry = born.get(left + z)
+                if entry is None:
+                    born[left + z] = [n, idx]
                 else:
-                    pair_counts[born] = n
-                    new[born] = [idx]
+                    entry[0] += n
+                    if entry[-1] != idx:
+                        entry.append(idx)
             if p < last:
                 right = w2[p + 1]
                 if right != z:
                     pair_counts[b + right] -= n
-                    born = z + right
-                    if born in new:
-                        pair_counts[born] += n
-                        if new[born][-1] != idx:
-                            new[born].append(idx)
+                    entry = born.get(z + right)
+                    if entry is None:
+                        born[z + right] = [n, idx]
                     else:
-                        pair_counts[born] = n
-                        new[born] = [idx]
+                        entry[0] += n
+                        if entry[-1] != idx:
+                            entry.append(idx)
             p = w2.find(z, p + 1)
     # every holder was rewritten, so the pair's count is now exactly zero
     del pair_counts[pair]
-    where.update(new)
-    for born in new:
-        heapq.heappush(heap, (-pair_counts[born], born))
+    for new_pair, entry in born.items():
+        pair_counts[new_pair] = entry[0]
+        where[new_pair] = entry[1:]
+        heapq.heappush(heap, (-entry[0], new_pair))
 
 
 # ---------------------------------------------------------------------------------------------------------

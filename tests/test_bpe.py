@@ -1,6 +1,7 @@
 """BPE trainer: golden values, an independent naive trainer, and exact parity with rustbpe."""
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -142,15 +143,19 @@ def test_merges_equal_rustbpe(pattern):
         assert merges_to_ranks(merges) == rustbpe_ranks(docs, vocab_size, pattern), vocab_size
 
 
-def test_runs_out_of_pairs_like_rustbpe():
-    # rustbpe merges pairs seen once and stops only when every chunk is a single token
+@pytest.mark.parametrize("pattern", [GPT4_PATTERN, GPT2_PATTERN], ids=["gpt4", "gpt2"])
+def test_runs_out_of_pairs_like_rustbpe(pattern):
+    # rustbpe merges pairs seen once and stops only when every chunk is a single token. Exhausting all pairs
+    # also shows that Python's `regex` cuts chunks exactly where rustbpe's fancy-regex does, odd spaces included.
     docs = ["hello world, hello there", "ünïcödé 你好 🙂🙂"]
-    merges = train_bpe(docs, 10_000, pattern=GPT4_PATTERN, min_frequency=0, progress=False)
-    ranks = rustbpe_ranks(docs, 256 + 10_000, GPT4_PATTERN)
+    for c in "\x0b\x0c\x1c\x1f\x85\u00a0\u1680\u2007\u200b\u2028\u2029\u202f\u3000\ufeff":
+        docs += [f"a{c}{c}b {c} x{c}\n{c}y  {c}{c}z 1{c}2 !{c}?", f"{c}{c}{c}word{c}", f"'s{c}'LL{c}"]
+    merges = train_bpe(docs, 10_000, pattern=pattern, min_frequency=0, progress=False)
+    ranks = rustbpe_ranks(docs, 256 + 10_000, pattern)
     assert len(merges) < 10_000 and merges_to_ranks(merges) == ranks
     # every chunk is now one token
-    enc = tiktoken.Encoding("t", pat_str=GPT4_PATTERN, mergeable_ranks=ranks, special_tokens={})
-    assert all(len(enc.encode_ordinary(c)) == 1 for d in docs for c in __import__("regex").findall(GPT4_PATTERN, d))
+    enc = tiktoken.Encoding("t", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+    assert all(len(enc.encode_ordinary(c)) == 1 for d in docs for c in __import__("regex").findall(pattern, d))
 
 
 @pytest.mark.parametrize("min_frequency", [0, 2, 3, 7])
@@ -187,6 +192,12 @@ def test_stream_and_process_pool_agree(monkeypatch):
     assert sum(inline.values()) == sum(len(__import__("regex").findall(GPT4_PATTERN, d)) for d in docs)
     from_stream = train_bpe(iter(docs), 500, min_frequency=1, progress=False, workers=2)
     assert from_stream == train_bpe_from_counts(inline, 500, min_frequency=1, progress=False)
+
+
+def test_batching_is_lazy():
+    endless = itertools.repeat("twenty characters...")
+    batch = next(bpe._batches(endless))  # returns: the stream is cut as it goes, never read to the end
+    assert bpe._BATCH_CHARS <= sum(map(len, batch)) < bpe._BATCH_CHARS + 64 * 20
 
 
 def test_resolve_pattern():

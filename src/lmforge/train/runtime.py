@@ -101,7 +101,7 @@ def measured_peak_flops(device: torch.device, precision: str) -> float:
     if key in _PEAK_CACHE:
         return _PEAK_CACHE[key]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    n = 4096 if device.type == "cuda" else 1024
+    n = 4096 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = 0.0

@@ -168,6 +168,10 @@ def _full_state_dict_model(model: torch.nn.Module, cfg: TrainConfig, d: Dist) ->
         return ckpt._unwrap(model)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # gathered copies no longer share storage: drop tied aliases (e.g. lm_head.weight) by name instead
+    unique = dict(model.named_parameters())
+    full = {k: v for k, v in full.items()
+            if k in unique or k not in dict(model.named_parameters(remove_duplicate=False))}
 
     class _Holder(torch.nn.Module):  # a stand-in exposing the gathered tensors through state_dict()
         def state_dict(self, *a, **k):

@@ -58,6 +58,12 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0                 # 0 disables
+    # optimizer="muon": Muon (train/muon.py) for the hidden weight matrices, AdamW at `lr` for embeddings, LM
+    # head, norms, biases. Muon's peak lr is `muon_lr` and follows the same schedule shape (× muon_lr / lr).
+    # Works with DDP; not with FSDP (Newton–Schulz needs whole matrices).
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     # runtime
     precision: str = "auto"                # auto | bf16 | fp16 | fp32
     device: str = "auto"
@@ -85,6 +91,13 @@ class TrainConfig:
             raise ConfigError("must be in [0, 1]", field="min_lr_ratio")
         if self.warmup_steps < 0:
             raise ConfigError("must be ≥ 0", field="warmup_steps")
+        if self.muon_lr <= 0:
+            raise ConfigError("must be > 0", field="muon_lr")
+        if not 0 <= self.muon_momentum < 1:
+            raise ConfigError("must be in [0, 1)", field="muon_momentum")
+        if self.optimizer == "muon" and self.fsdp:
+            raise ConfigError("Muon needs whole matrices and does not support FSDP; use DDP (fsdp=false) "
+                              "or optimizer=adamw", field="optimizer")
 
 
 class Task(Protocol):
@@ -120,6 +133,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     groups = [g for g in param_groups(model, cfg.weight_decay) if g["params"]]
     fused = device.type in ("cuda", "cpu") and not cfg.fsdp
+    if cfg.optimizer == "muon":
+        from lmforge.train.muon import build_muon_with_adamw
+        return build_muon_with_adamw(model, groups, lr=cfg.lr, muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum,
+                                     betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 

@@ -1,13 +1,14 @@
 """P1: BPE training and encoding speed, lmforge vs Hugging Face `tokenizers` and `rustbpe` (see shared BENCH.md).
 
-    python bench/tokenizer.py [--vocab-size 8192] [--repeats 3] [--threads 2]
+    python bench/tokenizer.py [--vocab-size 8192] [--repeats 5] [--threads 2]
 
 Corpus: the built-in `kjv` verse texts + `python-docs` (pydoc_data.topics values), ~4.6 MB, one document each.
 Training: vocab 8192 (256 bytes + 7936 merges, no specials), GPT-4 split regex, byte-level, on all three.
-Encoding: every document, batched, with our Tokenizer (tiktoken under the hood) vs a tiktoken Encoding built from
-rustbpe's ranks vs `tokenizers` encode_batch. Each row is the best of --repeats runs, interleaved so that drift on
-a shared machine hits every side alike. Peers use threads (rayon); they are capped at --threads, as our worker
-processes are. Prints a table; the last line is the training speed ratio ours / tokenizers (> 1: ours faster).
+Encoding: the corpus as one string, then as a batch of documents, with our Tokenizer (tiktoken under the hood)
+vs a tiktoken Encoding built from rustbpe's ranks vs the `tokenizers` model just trained.
+Each row is the median of --repeats runs, interleaved so that drift on a shared machine hits every side alike.
+Peers use threads (rayon), capped at --threads; our trainer uses as many worker processes.
+Prints tables; the last line is the training speed ratio ours / tokenizers (> 1: ours faster).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ from pathlib import Path
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab-size", type=int, default=8192)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="runs per side; the table shows the median")
     ap.add_argument("--threads", type=int, default=2, help="threads / processes for every side (default 2)")
     args = ap.parse_args()
 
@@ -50,7 +52,7 @@ def main() -> int:
     n_merges = args.vocab_size - 256
     print(f"corpus: kjv + python-docs, {len(docs):,} documents, {mb:.2f} MB; vocab {args.vocab_size} "
           f"({n_merges} merges), GPT-4 split regex; {args.threads} threads/processes per side "
-          f"(RAYON_NUM_THREADS={args.threads}); best of {args.repeats}", flush=True)
+          f"(RAYON_NUM_THREADS={args.threads}); median of {args.repeats} interleaved runs", flush=True)
 
     # ---- training -----------------------------------------------------------------------------------
     def ours():
@@ -73,7 +75,7 @@ def main() -> int:
         tok.train_from_iterator(docs, trainer)
         return tok
 
-    train_times, results = best_of({"lmforge": ours, "rustbpe": rust, "tokenizers": hf}, args.repeats)
+    train_times, results = median_of({"lmforge": ours, "rustbpe": rust, "tokenizers": hf}, args.repeats)
     merges, rust_tok, hf_tok = results["lmforge"], results["rustbpe"], results["tokenizers"]
     rust_ranks = {bytes(b): i for b, i in rust_tok.get_mergeable_ranks()}
     same = merges_to_ranks(merges) == rust_ranks
@@ -89,26 +91,40 @@ def main() -> int:
           f"chunks), merges {t2 - t1:.3f} s")
 
     # ---- encoding -----------------------------------------------------------------------------------
+    # Our Tokenizer if it is there, else a tiktoken Encoding of our ranks (what that class wraps).
     try:
         from lmforge.tokenizer.tokenizer import Tokenizer
         ours_tok = Tokenizer(merges, GPT4_PATTERN, special_tokens=[])
-        ours_name = "lmforge Tokenizer.encode_batch"
-        encode_ours = lambda: ours_tok.encode_batch(docs, num_threads=args.threads)  # noqa: E731
-    except ImportError:  # the Tokenizer class is not there: encode with a tiktoken Encoding of our ranks
+        ours_name = "lmforge Tokenizer"
+        ours_one = ours_tok.encode
+        ours_many = lambda texts: ours_tok.encode_batch(texts, num_threads=args.threads)  # noqa: E731
+    except ImportError:
         ours_enc = tiktoken.Encoding("lmforge", pat_str=GPT4_PATTERN, mergeable_ranks=merges_to_ranks(merges),
                                      special_tokens={})
         ours_name = "lmforge ranks in tiktoken"
-        encode_ours = lambda: ours_enc.encode_ordinary_batch(docs, num_threads=args.threads)  # noqa: E731
+        ours_one = ours_enc.encode_ordinary
+        ours_many = lambda texts: ours_enc.encode_ordinary_batch(texts, num_threads=args.threads)  # noqa: E731
     rust_enc = tiktoken.Encoding("rustbpe", pat_str=GPT4_PATTERN, mergeable_ranks=rust_ranks, special_tokens={})
-    enc_times, enc_results = best_of({
-        ours_name: encode_ours,
-        "tiktoken (rustbpe ranks)": lambda: rust_enc.encode_ordinary_batch(docs, num_threads=args.threads),
+    text = "\n".join(docs)
+    n_ids = lambda out: len(out.ids) if hasattr(out, "ids") else len(out)  # noqa: E731
+
+    one_times, one_out = median_of({
+        f"{ours_name}.encode": lambda: ours_one(text),
+        "tiktoken (rustbpe ranks)": lambda: rust_enc.encode_ordinary(text),
+        "tokenizers encode": lambda: hf_tok.encode(text, add_special_tokens=False),
+    }, args.repeats)
+    print("\nencoding the corpus as ONE string (" +
+          ", ".join(f"{k}: {n_ids(v):,} tokens" for k, v in one_out.items()) + ")")
+    print_table(one_times, mb, f"{ours_name}.encode")
+
+    many_times, many_out = median_of({
+        f"{ours_name}.encode_batch": lambda: ours_many(docs),
+        "tiktoken (rustbpe ranks) batch": lambda: rust_enc.encode_ordinary_batch(docs, num_threads=args.threads),
         "tokenizers encode_batch": lambda: hf_tok.encode_batch(docs, add_special_tokens=False),
     }, args.repeats)
-    n_tokens = {name: sum(len(x.ids) if hasattr(x, "ids") else len(x) for x in out)
-                for name, out in enc_results.items()}
-    print("\nencoding (" + ", ".join(f"{k}: {v:,} tokens" for k, v in n_tokens.items()) + ")")
-    print_table(enc_times, mb, ours_name)
+    print(f"\nencoding the {len(docs):,} documents as a batch (" +
+          ", ".join(f"{k}: {sum(map(n_ids, v)):,} tokens" for k, v in many_out.items()) + ")")
+    print_table(many_times, mb, f"{ours_name}.encode_batch")
 
     ratio = (mb / train_times["lmforge"]) / (mb / train_times["tokenizers"])
     print(f"\ntraining speed ratio lmforge/tokenizers: {ratio:.2f}x")
@@ -128,21 +144,24 @@ def load_corpus() -> list[str]:
     return docs
 
 
-def best_of(fns: dict, repeats: int) -> tuple[dict[str, float], dict]:
-    best, results = {name: float("inf") for name in fns}, {}
+def median_of(fns: dict, repeats: int) -> tuple[dict[str, float], dict]:
+    """Run each function `repeats` times, interleaved; return the median seconds of each (and its last result).
+
+    The median, not the best: on a shared machine one lucky run would otherwise decide the ratio."""
+    runs, results = {name: [] for name in fns}, {}
     for _ in range(repeats):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             results[name] = fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best, results
+            runs[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in runs.items()}, results
 
 
 def print_table(times: dict[str, float], mb: float, ours: str) -> None:
-    print(f"{'':32s} {'seconds':>8s} {'MB/s':>8s} {'speed ours/peer':>16s}")
+    print(f"{'':34s} {'seconds':>8s} {'MB/s':>8s} {'speed ours/peer':>16s}")
     for name, sec in times.items():
         ratio = "" if name == ours else f"{times[name] / times[ours]:.2f}x"
-        print(f"{name:32s} {sec:8.3f} {mb / sec:8.2f} {ratio:>16s}")
+        print(f"{name:34s} {sec:8.3f} {mb / sec:8.2f} {ratio:>16s}")
 
 
 if __name__ == "__main__":

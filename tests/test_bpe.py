@@ -233,3 +233,11 @@ def test_merges_to_ranks():
 def test_empty_input():
     assert train_bpe([], 10, progress=False) == []
     assert train_bpe(["", "x"], 10, progress=False) == []
+
+
+def test_progress_bars_go_to_stderr(capsys):
+    train_bpe(["ab ab ab cd"], 3, progress=True)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "bpe: split + count chunks" in err and "B/s" in err  # ingestion rate
+    assert "bpe: merge" in err and "merge/s" in err              # merge rate

@@ -18,7 +18,7 @@ from lmforge.errors import CheckpointError, ConfigError
 from lmforge.model.config import get_preset
 from lmforge.model.transformer import Transformer
 from lmforge.train.metrics import read_metrics
-from lmforge.train.muon import Muon, MuonWithAdamW, build_muon_with_adamw, hidden_matrices, newton_schulz
+from lmforge.train.muon import Muon, MuonWithAdamW, hidden_matrices, newton_schulz
 from lmforge.train.trainer import TrainConfig, build_optimizer
 
 DRIVER = str(Path(__file__).with_name("train_driver.py"))

@@ -9,12 +9,16 @@ Newton–Schulz iteration: only matmuls, cheap, and stable in bf16.
 Only *hidden* matrices get Muon. Embedding rows are looked up, not multiplied, and the LM head maps to
 logits; both (and norms' gains, and biases) keep AdamW, as Keller Jordan, modded-nanogpt and nanochat do.
 
-Update size. An orthogonalised update of shape (rows, cols) has RMS 1/sqrt(max(rows, cols)). We scale it by
-sqrt(max(1, rows/cols)) — Keller Jordan's rule, also torch.optim.Muon's "original" — which makes the step's
-RMS-to-RMS operator norm (sqrt(cols/rows) times the spectral norm) equal to `lr` for every shape: a fan-out
--wide layer does not move its outputs more than a square one. With this rule lr ≈ 0.02 is the well-tested
+Update size. An orthogonalised update of shape (rows, cols) = (fan_out, fan_in) has entry RMS
+1/sqrt(max(rows, cols)), so unscaled, tall matrices (e.g. an FFN's up projection) would take smaller steps than
+square ones. We multiply by sqrt(max(1, rows/cols)) — Keller Jordan's rule, torch.optim.Muon's "original" —
+which makes the entry RMS lr/sqrt(fan_in) for every shape. With this rule lr ≈ 0.02 is the well-tested
 default. (Moonshot's alternative, 0.2·sqrt(max(rows, cols)), matches AdamW's update RMS so AdamW's lr can be
 reused; we keep one rule and a separate `muon_lr`.)
+
+CPU cost: Newton–Schulz is 5·(4m²n + 2m³) FLOPs per matrix per step (m, n = min, max of its shape) whatever the batch;
+on a CPU with small batches it can cost more than the forward/backward (bench/muon.py prints s/step), so
+prefer more tokens per step with Muon there.
 
 Weight decay is decoupled, as in AdamW: W ← W·(1 − lr·wd) before the update, with Muon's own lr.
 

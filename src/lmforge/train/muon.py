@@ -16,9 +16,9 @@ which makes the entry RMS lr/sqrt(fan_in) for every shape. With this rule lr ≈
 default. (Moonshot's alternative, 0.2·sqrt(max(rows, cols)), matches AdamW's update RMS so AdamW's lr can be
 reused; we keep one rule and a separate `muon_lr`.)
 
-CPU cost: Newton–Schulz is 5·(4m²n + 2m³) FLOPs per matrix per step (m, n = min, max of its shape) whatever the batch;
-on a CPU with small batches it can cost more than the forward/backward (bench/muon.py prints s/step), so
-prefer more tokens per step with Muon there.
+CPU cost: Newton–Schulz is 5·(4m²n + 2m³) FLOPs per matrix per step (m, n = min, max of its shape), whatever
+the batch; on a CPU with small batches it can cost more than the forward/backward (bench/muon.py prints
+s/step), so prefer more tokens per step with Muon there.
 
 Weight decay is decoupled, as in AdamW: W ← W·(1 − lr·wd) before the update, with Muon's own lr.
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
 
 import pytest
@@ -183,12 +184,29 @@ def test_chunks_never_cross_documents():
     assert len(joined) == 3
 
 
-def test_stream_and_process_pool_agree(monkeypatch):
+_SPY_DIR = None
+
+
+def _spy_count_batch(pattern, batch):
+    """Stands in for bpe._count_batch and leaves a file named after the process that ran it."""
+    open(os.path.join(_SPY_DIR, str(os.getpid())), "a").close()
+    return _real_count_batch(pattern, batch)
+
+
+_real_count_batch = bpe._count_batch
+
+
+def test_stream_and_process_pool_agree(monkeypatch, tmp_path):
+    global _SPY_DIR
     docs = multiscript_corpus(seed=2, n_docs=120)
     inline = count_chunks(docs, GPT4_PATTERN, progress=False, workers=1)
-    monkeypatch.setattr(bpe, "_BATCH_CHARS", 2_000)  # many batches, so the worker pool is used
+    monkeypatch.setattr(bpe, "_BATCH_CHARS", 2_000)  # many batches, so the helper process is used
+    monkeypatch.setattr(bpe, "_count_batch", _spy_count_batch)
+    _SPY_DIR = str(tmp_path)
     pooled = count_chunks((d for d in docs), GPT4_PATTERN, progress=False, workers=2)
     assert pooled == inline
+    pids = {int(name) for name in os.listdir(tmp_path)}
+    assert pids - {os.getpid()}, "no batch went to a forked helper"
     assert sum(inline.values()) == sum(len(__import__("regex").findall(GPT4_PATTERN, d)) for d in docs)
     from_stream = train_bpe(iter(docs), 500, min_frequency=1, progress=False, workers=2)
     assert from_stream == train_bpe_from_counts(inline, 500, min_frequency=1, progress=False)

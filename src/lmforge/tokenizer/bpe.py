@@ -118,9 +118,10 @@ def count_chunks(docs: Iterable[str], pattern: str = GPT4_PATTERN, progress: boo
                  workers: int | None = None) -> collections.Counter:
     """Split every document with `pattern` and count each distinct chunk, in one pass over the stream.
 
-    Batches go to `workers` processes (default: the usable CPUs, at most 8) when there is more than one batch
-    of input and the platform forks (Linux); small inputs, and other platforms, are counted in this process.
-    At most two batches per worker are in flight, so an endless stream does not pile up in memory.
+    Batches are shared by `workers` processes (this one and workers - 1 forked helpers; default: the usable
+    CPUs, at most 8) when there is more than one batch of input and the platform forks (Linux); small inputs,
+    and other platforms, are counted in this process alone. At most two batches per helper are in flight, so
+    an endless stream does not pile up in memory.
     """
     pattern = resolve_pattern(pattern)
     workers = _default_workers() if workers is None else max(1, int(workers))
@@ -143,12 +144,19 @@ def count_chunks(docs: Iterable[str], pattern: str = GPT4_PATTERN, progress: boo
             for batch in itertools.chain(head, batches):
                 add(_count_batch(pattern, batch))
             return total
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        # This process is one of the `workers`: it hands batches to the others while they have room and
+        # splits the batch itself when they are all busy. On an idle machine every core works; on a loaded
+        # one this process does most batches itself instead of waiting on starved children.
+        helpers = workers - 1
+        with multiprocessing.get_context("fork").Pool(helpers) as pool:
             pending = collections.deque()
             for batch in itertools.chain(head, batches):
-                pending.append(pool.apply_async(_count_batch, (pattern, batch)))
-                if len(pending) >= 2 * workers:  # back-pressure: wait for the oldest batch
+                while pending and pending[0].ready():
                     add(pending.popleft().get())
+                if len(pending) < 2 * helpers:  # at most two batches queued per helper: bounded memory
+                    pending.append(pool.apply_async(_count_batch, (pattern, batch)))
+                else:
+                    add(_count_batch(pattern, batch))
             while pending:
                 add(pending.popleft().get())
         return total

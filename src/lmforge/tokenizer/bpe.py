@@ -4,7 +4,7 @@ Training has two phases:
 
 1. Ingestion. Every document is cut into chunks ("pre-tokens") by a split regex (GPT-4 style by default), and
    we count how often each distinct chunk occurs. Chunks never cross documents. The corpus is read once, as a
-   stream, so memory is O(distinct chunks), not O(corpus); large inputs are split over worker processes.
+   stream, so memory is O(distinct chunks), not O(corpus); large inputs are shared with forked helpers.
 2. Merging. Each distinct chunk becomes a "word": a sequence of token ids, initially its UTF-8 bytes (0..255),
    weighted by its count. We keep, for every adjacent pair of ids, its total count and the words holding it,
    plus a max-heap of pairs. Each step pops the most frequent pair, gives it the next id (256, 257, ...),
@@ -20,7 +20,8 @@ then updated so they stay exact. rustbpe has no minimum frequency: it merges pai
 when no pair is left. Here training stops early, with fewer merges, as soon as the best pair occurs fewer
 than `min_frequency` times; `min_frequency <= 1` reproduces rustbpe.
 
-Speed trick: a word is stored as a `str` holding one character per token id (chr(id)), so finding and
+Speed trick: a word is stored as a `str` holding one character per token id (chr(id); Python strings take
+any code point, lone surrogates included, so every id up to 0x10FFFF fits), so finding and
 rewriting a pair is `str.find` / `str.replace` in C, a pair key is a 2-character string (hashable, and its
 ordering is exactly the (left, right) ordering rustbpe breaks ties with), and only the few pairs around each
 occurrence are touched in Python.
@@ -41,7 +42,7 @@ from tqdm import tqdm
 from lmforge.errors import ConfigError, DataError
 
 # GPT-4 (cl100k) split: contractions, words with one leading non-letter, numbers of 1-3 digits, punctuation
-# runs, newlines, whitespace. The same string rustbpe and tiktoken's cl100k_base use.
+# runs, newlines, whitespace. rustbpe's default, character for character.
 GPT4_PATTERN = (r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"
                 r"|\s*[\r\n]|\s+(?!\S)|\s+")
 # GPT-2 split (openai/gpt-2 encoder.py): contractions, ' '-prefixed letters / digits / punctuation, whitespace.
@@ -49,7 +50,7 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 
 PATTERNS = {"gpt4": GPT4_PATTERN, "gpt2": GPT2_PATTERN}
 
-_BATCH_CHARS = 1 << 18     # characters per ingestion batch sent to a worker process
+_BATCH_CHARS = 1 << 18     # characters per ingestion batch (the unit of work shared between processes)
 _MAX_ID = sys.maxunicode   # ids are stored as characters, so chr(id) must exist
 
 

@@ -63,3 +63,16 @@ def test_pretrain_cli_resume_and_errors(quickstart_run, tmp_path, capsys):
     assert "train.lr" in capsys.readouterr().err
     assert main(["eval", "bpb", "--checkpoint", str(tmp_path / "missing"), "--data", str(data)]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_shipped_recipes_validate():
+    from pathlib import Path
+    from lmforge.config import load_config
+    from lmforge.model.config import get_preset
+    from lmforge.quickstart import QuickstartConfig, default_recipe
+    from lmforge.train.pretrain import PretrainConfig
+    q = load_config(QuickstartConfig, default_recipe())
+    get_preset(q.pretrain.model.preset, **q.pretrain.model.overrides)
+    g = load_config(PretrainConfig, Path(default_recipe()).with_name("gpu-124m.yaml"))
+    get_preset(g.model.preset)
+    assert g.train.compile and g.seq_len == 1024

@@ -98,6 +98,10 @@ class PretrainTask:
                               field="seed")
 
 
+# what `lmforge generate` uses for this checkpoint unless flags say otherwise (a base model: sample, don't argmax)
+GENERATION_DEFAULTS = {"temperature": 0.8, "top_k": 50, "max_new_tokens": 256}
+
+
 # -- the `lmforge pretrain` verb --------------------------------------------------------------------------
 
 @dataclass
@@ -163,7 +167,8 @@ def run_pretrain(pcfg: PretrainConfig) -> dict:
     fpt = model.flops_per_token(pcfg.seq_len)
     t0 = time.time()
     summary = train(model, task, cfg, model_config=mcfg.to_dict(), tokenizer=tokenizer, flops_per_token=fpt,
-                    extra_config={"stage": "pretrain", "data": str(pcfg.data)})
+                    extra_config={"stage": "pretrain", "data": str(pcfg.data)},
+                    generation_config=GENERATION_DEFAULTS)
     summary.update(params=n, wall_time=time.time() - t0)
     if int(__import__("os").environ.get("RANK", 0)) == 0:
         (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")

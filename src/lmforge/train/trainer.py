@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lmforge.errors import ConfigError
+from lmforge.errors import CheckpointError, ConfigError
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.metrics import MetricsLog, plot_curves
 from lmforge.train.runtime import (Dist, all_reduce_mean, autocast, init_distributed, measured_peak_flops,
@@ -220,6 +220,10 @@ def train(model: torch.nn.Module, task, cfg: TrainConfig, *, model_config: dict,
     model = _wrap_distributed(model, cfg, d, device)
     optimizer = build_optimizer(model, cfg, device)
     if resume_state is not None:
+        saved_opt = (resume_state.get("config") or {}).get("optimizer", "adamw")
+        if saved_opt != cfg.optimizer:
+            raise CheckpointError(f"the checkpoint was trained with optimizer={saved_opt}; resume with the same "
+                                  f"optimizer (got {cfg.optimizer})", file=str(ckpt_dir / "trainer_state.json"))
         if opt_state is not None:
             optimizer.load_state_dict(opt_state)
         _set_rng_state(resume_state["rng"])

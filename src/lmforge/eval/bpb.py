@@ -32,13 +32,17 @@ def evaluate_bpb(model, tokens: np.ndarray, token_bytes: np.ndarray, seq_len: in
                  max_tokens: int | None = None, progress: bool = False, device=None) -> dict:
     """Score `tokens` (a 1-D array, e.g. the val memmap). Returns loss (nats/token), bpb, tokens, bytes."""
     device = device or next(model.parameters()).device
-    n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)
+    n = len(tokens)
     starts = window_starts(n, seq_len)
+    if max_tokens is not None and max_tokens < n - 1:
+        # a quick estimate: windows spread evenly over the whole split (its head alone may not be typical)
+        k = max(1, max_tokens // seq_len)
+        starts = [starts[i] for i in np.linspace(0, len(starts) - 1, k).round().astype(int)]
     tb = torch.as_tensor(token_bytes, device=device)
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     nll_all = torch.zeros((), dtype=torch.float64, device=device)
     n_bytes, n_targets, n_scored = 0, 0, 0
-    bar = tqdm(total=n - 1, disable=not progress, unit="tok", unit_scale=True, desc="eval bpb", leave=False)
+    bar = tqdm(total=min(n - 1, len(starts) * seq_len), disable=not progress, unit="tok", unit_scale=True, desc="eval bpb", leave=False)
     for i in range(0, len(starts), batch_size):
         group = starts[i:i + batch_size]
         # windows of different length at the tail: pad targets with -1 (ignored)

@@ -113,6 +113,9 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             lr = group["lr"] * group["lr_scale"]
             mu, wd = group["momentum"], group["weight_decay"]
+            # matrices of one shape are orthogonalised together: a few batched matmuls instead of many small
+            # ones (on CPU the per-call overhead of small matmuls dominates Newton-Schulz)
+            by_shape: dict[tuple, list] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue  # unused this step (e.g. a frozen branch): leave weights and momentum alone
@@ -123,11 +126,15 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(g, 1 - mu)
                 update = g.lerp(buf, mu) if group["nesterov"] else buf
-                dtype = self.ns_dtype or default_ns_dtype(p.device)
-                ortho = newton_schulz(update, group["ns_steps"], dtype)
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(ortho.to(p.dtype), alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+                by_shape.setdefault((tuple(p.shape), p.device), []).append((p, update))
+            for (shape, device), items in by_shape.items():
+                dtype = self.ns_dtype or default_ns_dtype(device)
+                ortho = newton_schulz(torch.stack([u for _, u in items]), group["ns_steps"], dtype)
+                scale = -lr * max(1.0, shape[0] / shape[1]) ** 0.5
+                for (p, _), o in zip(items, ortho):
+                    if wd:
+                        p.mul_(1 - lr * wd)
+                    p.add_(o.to(p.dtype), alpha=scale)
         return loss
 
 

@@ -131,13 +131,14 @@ def write_report(out: Path, r: dict) -> Path:
     for m in markov:
         lines.append(f"| Markov order {m['order']} ({m['smoothing']}) | {m['val_bpb']:.3f} | "
                      f"{m['contexts']:,} contexts, {m['ngrams']:,} n-grams, {m['table_mb']:.1f} MB "
-                     f"(possible contexts |V|^{m['order'] - 1} = {m['possible_contexts']:.3g}) |")
+                     f"(possible contexts V^{m['order'] - 1} = {m['possible_contexts']:.3g}) |")
     params = p.get("params", {})
     lines.append(f"| **Transformer** | **{p['val_bpb']:.3f}** | {params.get('total', 0):,} parameters "
                  f"({params.get('non_embedding', 0):,} non-embedding) |")
-    verdict = "below" if p["val_bpb"] < best["val_bpb"] else "NOT below"
-    lines += ["", f"The Transformer is **{verdict}** the best Markov model (order {best['order']}, "
-              f"{best['val_bpb']:.3f}) by {best['val_bpb'] - p['val_bpb']:.3f} bits/byte.", "",
+    gap = best["val_bpb"] - p["val_bpb"]
+    verdict = f"**{gap:.3f} bits/byte below**" if gap > 0 else f"**{-gap:.3f} bits/byte above** (not yet better than)"
+    lines += ["", f"The Transformer is {verdict} the best Markov model (order {best['order']}, "
+              f"{best['val_bpb']:.3f}).", "",
               "## Training", "",
               f"{p['step']} steps, {p['tokens']:,} tokens in {p['train_time']:.0f}s of training "
               f"({p['tokens'] / max(p['train_time'], 1e-9):,.0f} tokens/s, {p['precision']} on {p['device']}"

@@ -289,26 +289,11 @@ def generate_n(model, tokenizer, prompt: str | Sequence[int], params: SamplingPa
 
 def load_for_inference(ckpt_path: str | Path, device: str = "auto"):
     """(model in eval mode on `device`, tokenizer) from a checkpoint directory (or a run directory)."""
-    from lmforge.model.config import ModelConfig
-    from lmforge.model.transformer import Transformer
-    from lmforge.tokenizer.tokenizer import Tokenizer
-    from lmforge.train.checkpoint import load_model_state, read_config, resolve_checkpoint
+    from lmforge.train.checkpoint import load_checkpoint
     from lmforge.train.runtime import detect_device
 
-    path = resolve_checkpoint(ckpt_path)
-    config = read_config(path)
-    if not isinstance(config.get("model"), dict):
-        raise CheckpointError("config.json has no 'model' section", file=str(path / "config.json"))
-    try:
-        cfg = ModelConfig.from_dict(config["model"])
-    except ConfigError as e:
-        raise CheckpointError(f"bad model config: {e}", file=str(path / "config.json")) from None
-    if not (path / "tokenizer").is_dir():
-        raise CheckpointError("checkpoint has no tokenizer/ directory", file=str(path))
-    tokenizer = Tokenizer.load(path / "tokenizer")
-    model = Transformer(cfg)
-    load_model_state(path, model)
-    return model.to(detect_device(device)).eval(), tokenizer
+    model, tokenizer, _ = load_checkpoint(ckpt_path, detect_device(device))
+    return model, tokenizer
 
 
 GENERATION_CONFIG_KEYS = {"max_new_tokens": "max_tokens"}  # HF name -> ours; our own names pass through

@@ -137,19 +137,25 @@ def load_trainer_state(path: str | Path) -> tuple[dict, dict | None]:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", with_tokenizer: bool = True):
-    """(model in eval mode, tokenizer or None, config dict) from a checkpoint directory."""
+    """(model in eval mode, tokenizer or None, config dict) from a checkpoint directory (or a run directory)."""
+    from lmforge.errors import ConfigError
     from lmforge.model.config import ModelConfig
     from lmforge.model.transformer import Transformer
 
     path = resolve_checkpoint(path)
     config = read_config(path)
-    if "model" not in config:
+    if not isinstance(config.get("model"), dict):
         raise CheckpointError("config.json has no 'model' section", file=str(path / "config.json"))
-    model = Transformer(ModelConfig.from_dict(config["model"]))
-    load_model_state(path, model)
-    model.to(device).eval()
+    try:
+        cfg = ModelConfig.from_dict(config["model"])
+    except ConfigError as e:
+        raise CheckpointError(f"bad model config: {e}", file=str(path / "config.json")) from None
     tokenizer = None
     if with_tokenizer:
         from lmforge.tokenizer.tokenizer import Tokenizer
+        if not (path / "tokenizer").is_dir():
+            raise CheckpointError("checkpoint has no tokenizer/ directory", file=str(path))
         tokenizer = Tokenizer.load(path / "tokenizer")
-    return model, tokenizer, config
+    model = Transformer(cfg)
+    load_model_state(path, model)
+    return model.to(device).eval(), tokenizer, config

@@ -3,30 +3,20 @@ where, the trainer's LR schedule reaching both optimizers, state_dict round trip
 and bitwise kill-and-resume."""
 import io
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
 from lmforge.config import build
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.model.config import get_preset
 from lmforge.model.transformer import Transformer
 from lmforge.train.metrics import read_metrics
+from train_driver import assert_identical_runs, run_driver  # tests/ is on sys.path under pytest
 from lmforge.train.muon import Muon, MuonWithAdamW, hidden_matrices, newton_schulz
 from lmforge.train.trainer import TrainConfig, build_optimizer
 
-DRIVER = str(Path(__file__).with_name("train_driver.py"))
-
-
-def run_driver(out, *overrides, env=None):
-    e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, DRIVER, str(out), *overrides], env=e, capture_output=True, text=True)
 
 
 def tiny_transformer(**kw):
@@ -254,14 +244,7 @@ def test_muon_kill_and_resume_is_bitwise_identical(full_muon_run, tmp_path):
     assert json.loads((killed / "checkpoint" / "trainer_state.json").read_text())["step"] == 10
     r = run_driver(killed, "optimizer=muon", "max_steps=30", "save_every=10", "resume=true")
     assert r.returncode == 0, r.stderr
-    a = load_file(str(full_muon_run / "checkpoint" / "model.safetensors"))
-    b = load_file(str(killed / "checkpoint" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    la = [r["loss"] for r in read_metrics(full_muon_run / "metrics.jsonl") if "loss" in r]
-    lb = [r["loss"] for r in read_metrics(killed / "metrics.jsonl") if "loss" in r]
-    assert la == lb
+    assert_identical_runs(full_muon_run, killed)
     # the momentum buffers were saved and reloaded too (a fresh Muon would have diverged above)
     opt = torch.load(killed / "checkpoint" / "optimizer.pt", weights_only=True)
     assert set(opt) == {"muon", "adamw"} and len(opt["muon"]["state"]) == 14

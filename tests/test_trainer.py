@@ -12,14 +12,10 @@ from safetensors.torch import load_file
 
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.metrics import read_metrics
+from train_driver import assert_identical_runs, run_driver  # tests/ is on sys.path under pytest
 from lmforge.train.trainer import TrainConfig, lr_at, train
 
 DRIVER = str(Path(__file__).with_name("train_driver.py"))
-
-
-def run_driver(out, *overrides, env=None):
-    e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, DRIVER, str(out), *overrides], env=e, capture_output=True, text=True)
 
 
 class RegressionTask:
@@ -87,14 +83,7 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
     assert state["step"] == 10
     r = run_driver(killed, "max_steps=24", "save_every=10", "resume=true", env=env)
     assert r.returncode == 0, r.stderr
-    a = load_file(str(full / "checkpoint" / "model.safetensors"))
-    b = load_file(str(killed / "checkpoint" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    la = [r["loss"] for r in read_metrics(full / "metrics.jsonl") if "loss" in r]
-    lb = [r["loss"] for r in read_metrics(killed / "metrics.jsonl") if "loss" in r]
-    assert la == lb  # the resumed log has each step once, with identical losses
+    assert_identical_runs(full, killed)
 
 
 def test_interrupted_checkpoint_write_keeps_last_good(tmp_path, monkeypatch):

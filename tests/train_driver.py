@@ -5,6 +5,7 @@ usage: python tests/train_driver.py OUT_DIR [KEY=VALUE ...]   (TrainConfig overr
 """
 import os
 import signal
+import subprocess
 import sys
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from lmforge.config import build, parse_overrides
 from lmforge.model.config import get_preset
 from lmforge.model.transformer import Transformer
+from lmforge.train.metrics import read_metrics
 from lmforge.train.pretrain import PretrainTask
 from lmforge.train.trainer import TrainConfig, train
 
@@ -31,6 +33,25 @@ def synthetic_stream(n_docs: int, seed: int) -> np.ndarray:
             tok = (tok * 7 + 3) % 60 if rng.random() > 0.1 else int(rng.integers(0, 60))
         out += [BOS, *doc]
     return np.array(out, dtype=np.uint16)
+
+
+def run_driver(out, *overrides, env=None):
+    """Run this script in a fresh single-threaded process (what the resume and torchrun tests compare)."""
+    e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, __file__, str(out), *overrides], env=e, capture_output=True, text=True)
+
+
+def assert_identical_runs(a_dir, b_dir):
+    """Same final weights bit for bit, and the same logged loss at every step."""
+    from safetensors.torch import load_file
+    a = load_file(str(a_dir / "checkpoint" / "model.safetensors"))
+    b = load_file(str(b_dir / "checkpoint" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la = [r["loss"] for r in read_metrics(a_dir / "metrics.jsonl") if "loss" in r]
+    lb = [r["loss"] for r in read_metrics(b_dir / "metrics.jsonl") if "loss" in r]
+    assert la == lb  # the resumed log has each step once, with identical losses
 
 
 class KillingTask(PretrainTask):

@@ -87,6 +87,29 @@ def test_split_is_deterministic_and_seeded(tmp_path):
     assert files["a"][0] != files["c"][0]
 
 
+def test_tail_split_holds_out_the_end_of_each_source(tmp_path):
+    a = jsonl(tmp_path / "a.jsonl", [f"alpha {i}" for i in range(40)])
+    d = tmp_path / "dir"
+    d.mkdir()
+    for name, n in (("x.jsonl", 6), ("y.jsonl", 14)):   # a directory is ONE source: its files in sorted order
+        jsonl(d / name, [f"{name[0]} {i}" for i in range(n)])
+    tok = ByteTokenizer()
+    meta = prepare_shards(Corpus([a, str(d)]), tok, tmp_path / "o", val_fraction=0.1, split="tail", progress=False)
+    train, val, _ = load_shards(tmp_path / "o")
+    # round(40 * 0.1) = 4 from a.jsonl, round(20 * 0.1) = 2 from the directory: the last two of y.jsonl
+    assert docs_of(val, tok) == ["alpha 36", "alpha 37", "alpha 38", "alpha 39", "y 12", "y 13"]
+    assert docs_of(train, tok) == [f"alpha {i}" for i in range(36)] + [f"x {i}" for i in range(6)] + \
+        [f"y {i}" for i in range(12)]
+    assert meta["split"] == "tail" and meta["val"]["documents"] == 6
+    # deterministic, independent of the seed; a tiny fraction still holds out one document per source
+    meta2 = prepare_shards(Corpus([a, str(d)]), tok, tmp_path / "o2", val_fraction=0.001, split="tail",
+                           seed=5, progress=False)
+    assert docs_of(load_shards(tmp_path / "o2")[1], tok) == ["alpha 39", "y 13"]
+    assert meta2["train"]["documents"] == 58
+    with pytest.raises(ConfigError, match="split must be one of random, tail"):
+        prepare_shards(Corpus([a]), tok, tmp_path / "o3", split="head", progress=False)
+
+
 def test_batches_stream_through_encode_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "BATCH_DOCS", 16)
     tok = ByteTokenizer()

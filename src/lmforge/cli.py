@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for the shards")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of documents held out (default 0.1)")
+    p.add_argument("--split", default="random", choices=["random", "tail"],
+                   help="random documents (seeded) or the last documents of each source (default: random)")
     p.add_argument("--seed", type=int, default=0, help="seed for the train/val document split")
     _add_source_options(p)
 

@@ -27,6 +27,7 @@ class TokenizerSection:
 class QuickstartConfig:
     sources: list[str] = field(default_factory=lambda: ["kjv", "python-docs"])
     val_fraction: float = 0.05
+    split: str = "tail"      # the last 5% of each source: no parallel passages shared by train and val
     seed: int = 0
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     markov_orders: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
@@ -36,6 +37,8 @@ class QuickstartConfig:
     def __post_init__(self):
         if not self.markov_orders or min(self.markov_orders) < 1:
             raise ConfigError("give at least one order ≥ 1", field="markov_orders")
+        if self.split not in ("random", "tail"):
+            raise ConfigError(f"split must be random or tail, got {self.split!r}", field="split")
 
 
 def default_recipe() -> Path:
@@ -68,6 +71,7 @@ def run_quickstart(cfg: QuickstartConfig, out: str | Path, progress: bool = True
 
     t = stage("data: token shards")
     meta = prepare_shards(Corpus(cfg.sources), tok, out / "data", val_fraction=cfg.val_fraction, seed=cfg.seed,
+                          split=cfg.split,
                           progress=progress)
     tok.save(out / "data" / "tokenizer")
     times["data"] = time.perf_counter() - t
@@ -115,6 +119,13 @@ def _samples(ckpt_dir, prompts, n_tokens) -> list[str]:
     return [p + generate(model, tok, p, params).text for p in prompts]
 
 
+def _split_words(cfg: dict) -> str:
+    frac = f"{cfg['val_fraction']:.0%}"
+    if cfg.get("split") == "tail":
+        return f"val = the last {frac} of each source's documents"
+    return f"val = {frac} of the documents at random, seed {cfg['seed']}"
+
+
 def write_report(out: Path, r: dict) -> Path:
     p = r["pretrain"]
     markov = r["markov"]
@@ -124,7 +135,8 @@ def write_report(out: Path, r: dict) -> Path:
         f"Corpus: {', '.join(r['config']['sources'])}; tokenizer: byte-level BPE, vocab {r['tokenizer']['vocab_size']} "
         f"({r['tokenizer']['merges']} merges).",
         f"Shards: train {r['data']['train']['tokens']:,} tokens / {r['data']['train']['bytes']:,} bytes, "
-        f"val {r['data']['val']['tokens']:,} tokens / {r['data']['val']['bytes']:,} bytes.", "",
+        f"val {r['data']['val']['tokens']:,} tokens / {r['data']['val']['bytes']:,} bytes "
+        f"({_split_words(r['config'])}).", "",
         "## Bits per byte on the validation split (lower is better)", "",
         "| model | val bits/byte | size |", "|---|---:|---|",
     ]

@@ -211,8 +211,11 @@ class Corpus:
         self.text_field, self.skip_bad_lines = text_field, skip_bad_lines
         self._units: list[_Unit] = []
         self._skipped: list[str] = []
+        self._source_of: dict[str, str] = {}     # unit label -> the source it came from (a dir gives many)
         for source in self.sources:
+            n = len(self._units)
             self._resolve(source)
+            self._source_of.update((u.label, source) for u in self._units[n:])
         self.total_bytes = sum(u.size for u in self._units)
         self.stats = CorpusStats(skipped_files=list(self._skipped))
 
@@ -274,6 +277,10 @@ class Corpus:
         self._units.append(_Unit(name, read, path.stat().st_size, is_file=True))
 
     # ----- reading
+
+    def source_of(self, label: str) -> str:
+        """The source (as given: built-in name, file or directory) that the unit `label` belongs to."""
+        return self._source_of[label]
 
     def documents(self, progress: bool = True) -> Iterator[str]:
         """Every document of every source, in order. progress: a tqdm bar (stderr) with MB/s."""

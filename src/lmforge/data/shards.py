@@ -8,8 +8,13 @@ Each document is stored as [bos] + encode(text), so a training window can start 
 always sees where documents begin. `bytes` is the UTF-8 size of the split's text (BOS adds none), which
 makes bits-per-byte = total loss in bits / bytes exact, whatever the tokenizer.
 
-The split is by document: each goes to val with probability val_fraction (seeded, so the same corpus +
-seed gives the same files). Both splits are made non-empty: with >= 2 documents, if one split came out
+The split is by document, in one of two ways:
+  random  each document goes to val with probability val_fraction (seeded: same corpus + seed, same files);
+  tail    the last val_fraction of each source's documents (a built-in, a file, or a directory's files in
+          sorted order) go to val, like nanoGPT's "last 10% of the text". Use it when documents repeat each
+          other (the KJV's parallel passages, boilerplate in docs): a random split then rewards memorising
+          them, which flatters n-gram models. It reads the corpus twice (the first pass only counts).
+Both splits are made non-empty: with >= 2 documents, if one split came out
 empty the last document of the other is moved over; a corpus of a single document is cut at character
 (1 - val_fraction) * len(text), head to train and tail to val (each then counts as a document).
 
@@ -101,10 +106,14 @@ class _SplitWriter:
         return {"file": self.path.name, "tokens": self.tokens, "bytes": self.bytes, "documents": self.documents}
 
 
+SPLIT_RULES = ("random", "tail")
+
+
 def prepare_shards(corpus, tokenizer, out_dir, val_fraction: float = 0.1, seed: int = 0,
-                   progress: bool = True) -> dict:
-    """Tokenize `corpus` (a Corpus) with `tokenizer` into OUT/{train,val}.bin + meta.json; return the meta."""
-    _check_options(val_fraction, out_dir)
+                   progress: bool = True, split: str = "random") -> dict:
+    """Tokenize `corpus` (a Corpus) with `tokenizer` into OUT/{train,val}.bin + meta.json; return the meta.
+    split: 'random' or 'tail' (see the module docstring)."""
+    _check_options(val_fraction, out_dir, split)
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -113,7 +122,7 @@ def prepare_shards(corpus, tokenizer, out_dir, val_fraction: float = 0.1, seed: 
 
     vocab_size, bos = int(tokenizer.vocab_size), int(tokenizer.bos_id)
     dtype = token_dtype(vocab_size)
-    rng = random.Random(seed)
+    assign = _assigner(corpus, split, val_fraction, seed, progress)
     t0 = time.time()
     writers: dict[str, _SplitWriter] = {}
     try:
@@ -121,10 +130,10 @@ def prepare_shards(corpus, tokenizer, out_dir, val_fraction: float = 0.1, seed: 
         bar = progress_bar(corpus.total_bytes, "tokenizing", progress)
         first_text, n_docs = None, 0
         try:
-            for batch in _batches(corpus.documents(progress=False)):
-                for text, ids in zip(batch, tokenizer.encode_batch(batch)):
-                    split = "val" if rng.random() < val_fraction else "train"
-                    writers[split].add(bos, ids, len(text.encode("utf-8")))
+            for batch in _batches(assign(corpus.iter_sources(progress=False))):
+                texts = [text for text, _ in batch]
+                for (text, part), ids in zip(batch, tokenizer.encode_batch(texts)):
+                    writers[part].add(bos, ids, len(text.encode("utf-8")))
                     n_docs += 1
                     if n_docs == 1:
                         first_text = text     # kept only for the single-document case
@@ -160,7 +169,7 @@ def prepare_shards(corpus, tokenizer, out_dir, val_fraction: float = 0.1, seed: 
             "byte_order": "little", "bos_id": bos, "eos_id": getattr(tokenizer, "eos_id", None),
             "train": writers["train"].counts(), "val": writers["val"].counts(),
             "sources": list(corpus.sources), "text_field": corpus.text_field,
-            "val_fraction": val_fraction, "seed": seed, "single_document_split": single,
+            "val_fraction": val_fraction, "split": split, "seed": seed, "single_document_split": single,
             "corpus": {"documents": stats.documents, "bytes": stats.bytes, "files": stats.files,
                        "bad_lines": stats.bad_lines, "replaced_chars": stats.replaced_chars,
                        "empty_documents": stats.empty_documents, "skipped_files": len(stats.skipped_files)},
@@ -175,11 +184,39 @@ def prepare_shards(corpus, tokenizer, out_dir, val_fraction: float = 0.1, seed: 
     return meta
 
 
+def _assigner(corpus, rule: str, val_fraction: float, seed: int, progress: bool):
+    """A function (label, docs) pairs -> (text, 'train' | 'val') pairs implementing the split rule."""
+    if rule == "random":
+        rng = random.Random(seed)
+
+        def assign(units):
+            for _, docs in units:
+                for text in docs:
+                    yield text, ("val" if rng.random() < val_fraction else "train")
+        return assign
+
+    counts: dict[str, int] = {}     # tail: count each source's documents first
+    for label, docs in corpus.iter_sources(progress=progress):
+        src = corpus.source_of(label)
+        counts[src] = counts.get(src, 0) + sum(1 for _ in docs)
+    # a source of n >= 2 documents gives its last max(1, round(n * f)) to val (never all of them)
+    first_val = {s: n - min(max(1, round(n * val_fraction)), n - 1) if n >= 2 else n for s, n in counts.items()}
+
+    def assign(units):
+        seen: dict[str, int] = {}
+        for label, docs in units:
+            src = corpus.source_of(label)
+            for text in docs:
+                i = seen[src] = seen.get(src, 0) + 1
+                yield text, ("val" if i > first_val[src] else "train")
+    return assign
+
+
 def _batches(docs):
     batch, size = [], 0
-    for text in docs:
-        batch.append(text)
-        size += len(text)
+    for item in docs:
+        batch.append(item)
+        size += len(item[0])
         if size >= BATCH_BYTES or len(batch) >= BATCH_DOCS:
             yield batch
             batch, size = [], 0
@@ -201,8 +238,10 @@ def _split_single(text: str, tokenizer, writers: dict, val_fraction: float) -> N
         w.flush()
 
 
-def _check_options(val_fraction: float, out_dir) -> None:
+def _check_options(val_fraction: float, out_dir, split: str = "random") -> None:
     """Bad options fail before any tokenizing; never overwrite something that is not a shard directory."""
+    if split not in SPLIT_RULES:
+        raise ConfigError(f"split must be one of {', '.join(SPLIT_RULES)}, got {split!r}", field="split")
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"val fraction must be between 0 and 1 (exclusive), got {val_fraction}",
                           field="val_fraction")
@@ -290,11 +329,12 @@ def cmd_prepare(args) -> int:
     """`lmforge data prepare --input SRC... --tokenizer DIR --out DIR`: write shards, print a summary."""
     from lmforge.data.corpus import Corpus
     from lmforge.tokenizer.tokenizer import Tokenizer
-    _check_options(args.val_fraction, args.out)
+    _check_options(args.val_fraction, args.out, args.split)
     corpus = Corpus(args.input, text_field=args.text_field, skip_bad_lines=args.skip_bad_lines)
     tokenizer = Tokenizer.load(args.tokenizer)
     t0 = time.time()
-    meta = prepare_shards(corpus, tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed)
+    meta = prepare_shards(corpus, tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                          split=args.split)
     seconds = time.time() - t0
     print(f"wrote {args.out}/ (train.bin, val.bin, meta.json; {meta['dtype']}) in {seconds:.1f} s")
     rows = [("split", "docs", "tokens", "bytes", "bytes/token")]

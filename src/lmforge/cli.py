@@ -88,6 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--precision", default="fp32", help="fp32 (default) | bf16 | fp16 | auto (autocast)")
 
+    # seeing inside: attention maps, next-token probabilities, continuation logprobs
+    p = verb(verbs, "attention", "lmforge.infer.inspect:cmd_attention",
+             "draw attention heat maps of a prompt (all layers x heads, or one map with --layer and --head)")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint (or run) directory")
+    p.add_argument("--prompt", required=True, help="text whose attention to draw")
+    p.add_argument("--layer", type=int, default=None, help="only this layer (0-based)")
+    p.add_argument("--head", type=int, default=None, help="only this head (0-based)")
+    p.add_argument("--out", required=True, metavar="FILE.png", help="image to write (.png, .pdf or .svg)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p = verb(verbs, "inspect", "lmforge.infer.inspect:cmd_inspect",
+             "top-k next tokens after a prompt, and per-token logprobs of a continuation")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint (or run) directory")
+    p.add_argument("--prompt", required=True, help="text to condition on")
+    p.add_argument("--continuation", default=None, help="text to score after the prompt")
+    p.add_argument("--top-k", type=int, default=10, help="how many next tokens to show (default 10)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+
     # data
     data = verbs.add_parser("data", help="corpora: list built-ins, prepare token shards",
                             description="corpora: list built-ins, prepare token shards")

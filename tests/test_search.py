@@ -237,6 +237,9 @@ def test_self_consistency_plurality_and_ties():
     assert [c.score for c in res.candidates] == [0.5, 2 / 6, 0.5, 0.0, 2 / 6, 0.5]
     assert res.best.text == "so 12 apples"  # the winning answer's most likely candidate (-1.0 > -1.5 > -2.0)
     assert res.candidates[2].mean_logprob == -2.0 and res.candidates[2].sum_logprob == -4.0
+    table = res.table().splitlines()
+    assert len(table) == 1 + 6 + 1 and table[1].startswith("*") and "'so 12 apples'" in table[1]
+    assert table[-1] == "votes: 12: 3, 7: 2" and sum(ln.startswith("*") for ln in table) == 1
 
     # a tie: the answer whose best candidate is more likely wins, although it came second
     tie = [("3", [-2.0]), ("4", [-0.2]), ("3", [-1.0]), ("4", [-5.0])]

@@ -58,6 +58,18 @@ class SearchResult:
     candidates: list[Candidate]           # best-of-N / self-consistency: in sampling order; beam: best first
     votes: dict | None = None             # self-consistency: {answer: count}, most votes first
 
+    def table(self, width: int = 60) -> str:
+        """The candidates as text lines (best marked with '*'): score, mean logprob, answer, the text's start."""
+        lines = [f"  {'score':>9} {'mean lp':>8} {'tokens':>6}  {'answer':<10} text"]
+        for c in self.candidates:
+            text = c.text if len(c.text) <= width else c.text[:width - 1] + "…"
+            answer = "" if c.answer is None else str(c.answer)
+            lines.append(f"{'*' if c is self.best else ' '} {c.score:9.4f} {c.mean_logprob:8.4f} "
+                         f"{len(c.token_ids):6d}  {answer:<10} {text!r}")
+        if self.votes is not None:
+            lines.append("votes: " + (", ".join(f"{a!s}: {n}" for a, n in self.votes.items()) or "no answers"))
+        return "\n".join(lines)
+
 
 SampleFn = Callable[..., list[GenerationResult]]
 
@@ -200,7 +212,7 @@ class _Hyp:
     total: float   # sum of logprobs, accumulated in fp32 as the topk saw it (HF's running score)
 
 
-def beam_search(model, tokenizer, prompt: str | Sequence[int], *, n_beams: int = 4, max_tokens: int = 64,
+def beam_search(model, tokenizer, prompt: str | Sequence[int], *, n_beams: int = 4, max_tokens: int | None = 64,
                 length_penalty: float = 1.0, early_stopping: bool | str = False,
                 stop_token_ids: Sequence[int] = (), ignore_eos: bool = False, add_bos: bool | None = None,
                 precision: str = "fp32", progress: bool = True) -> SearchResult:
@@ -211,7 +223,7 @@ def beam_search(model, tokenizer, prompt: str | Sequence[int], *, n_beams: int =
     sequences, < 0 shorter ones). early_stopping: True = stop as soon as n_beams hypotheses finished; False = stop
     when the best running beam, scored at its current length, cannot beat the worst of n_beams finished ones;
     "never" = like False but, with length_penalty > 0, scored at max_tokens (the canonical bound).
-    Returns the n_beams best finished hypotheses, best first.
+    max_tokens=None runs until the context is full. Returns the n_beams best finished hypotheses, best first.
     """
     if isinstance(n_beams, bool) or not isinstance(n_beams, int) or n_beams < 1:
         raise ConfigError(f"must be an integer >= 1, got {n_beams!r}", field="n_beams")
@@ -271,10 +283,7 @@ def beam_search(model, tokenizer, prompt: str | Sequence[int], *, n_beams: int =
                                                            length_penalty, early_stopping):
                     break
                 running = new_running
-                # reorder the cache rows to follow their beams (the first step grows 1 row into K)
-                idx = torch.tensor(new_origin, device=device)
-                cache.k, cache.v = cache.k.index_select(1, idx), cache.v.index_select(1, idx)
-                cache.batch = len(new_origin)
+                _reorder(cache, new_origin)
                 feed = torch.tensor([[h.ids[-1]] for h in running], device=device)
                 logits, _ = model(feed, kv_cache=cache, logits_to_keep=1)
     finally:
@@ -288,6 +297,19 @@ def beam_search(model, tokenizer, prompt: str | Sequence[int], *, n_beams: int =
         cands.append(Candidate(_text(tokenizer, h.ids[:-1] if stopped else h.ids), h.ids, score,
                                total / len(h.ids), total, "stop" if stopped else "length", logprobs=h.lps))
     return SearchResult(cands[0], cands)
+
+
+def _reorder(cache, origin: list[int]) -> None:
+    """Make cache row i hold the keys/values of beam origin[i]."""
+    if origin == list(range(cache.batch)):
+        return
+    idx = torch.tensor(origin, device=cache.k.device)
+    if len(origin) != cache.batch:  # the first step grows 1 row into K (or fewer beams survive): new buffers
+        cache.k, cache.v = cache.k.index_select(1, idx), cache.v.index_select(1, idx)
+        cache.batch = len(origin)
+    else:  # copy only the filled slots (indexing copies first, so rows may read and write each other)
+        cache.k[:, :, :, :cache.pos] = cache.k[:, idx, :, :cache.pos]
+        cache.v[:, :, :, :cache.pos] = cache.v[:, idx, :, :cache.pos]
 
 
 def _done(finished, running, K: int, t: int, budget: int, length_penalty: float, early_stopping) -> bool:

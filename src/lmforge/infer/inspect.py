@@ -44,8 +44,11 @@ def _ids(model, tokenizer, text: str | Sequence[int], what: str, add_bos: bool) 
         if bad:
             raise LmforgeError(f"token id {bad[0]} is outside the vocabulary (0..{tokenizer.vocab_size - 1})",
                                field=what)
-    if add_bos and getattr(tokenizer, "bos_id", None) is not None:
-        ids = [tokenizer.bos_id] + ids
+    if add_bos:
+        try:
+            ids = [int(tokenizer.bos_id)] + ids
+        except (AttributeError, LmforgeError):  # a tokenizer without BOS: the text alone
+            pass
     return ids
 
 

@@ -193,6 +193,44 @@ def test_sampled_distribution_each_step_is_the_processed_one(tok, models):
             assert lp.logprob == pytest.approx(want[i][out[i]].item(), abs=1e-4)
 
 
+def test_verify_gets_the_drafts_processed_distributions(tok, models, monkeypatch):
+    """The q handed to the accept/reject rule is the draft model's processed distribution at each proposed
+    position (what the proposal was drawn from), and p is the target's, both in the right context."""
+    import lmforge.infer.speculative as spec
+    calls = []
+
+    def spy(p_logits, draft, q_probs=None, generator=None):
+        n, nxt = verify(p_logits, draft, q_probs, generator)
+        calls.append((p_logits[0], draft[0].tolist(), q_probs[0] if q_probs is not None else None, int(n), int(nxt)))
+        return n, nxt
+
+    monkeypatch.setattr(spec, "verify", spy)
+    m, d = models["target"], models["other"]
+    p = SamplingParams(temperature=1.2, top_k=30, repetition_penalty=1.2, frequency_penalty=0.3, min_tokens=4,
+                       max_tokens=20, seed=5)
+    res = speculative_generate(m, tok, "Hello", p, draft_model=d, lookahead=3)
+    prompt, out = res.prompt_token_ids, []
+    assert sum(len(c[1]) for c in calls) == res.spec_stats.proposed and len(calls) == res.spec_stats.steps
+    eos = [tok.eos_id, tok.bos_id]
+    for p_logits, draft, q, n, nxt in calls:
+        K = len(draft)
+        with torch.no_grad():
+            ctx = torch.tensor([prompt + out + draft])
+            dl, _ = d(ctx)
+            tl, _ = m(ctx)
+        start = len(prompt) + len(out) - 1
+        outs = [out + draft[:i] for i in range(K + 1)]
+        want_p = process_logits(tl[0, start:start + K + 1], p, [prompt] * (K + 1), outs, eos_token_ids=eos)
+        assert torch.equal(want_p.isinf(), p_logits.isinf())
+        assert torch.allclose(want_p[~want_p.isinf()], p_logits[~p_logits.isinf()], atol=1e-4)
+        if K:
+            want_q = process_logits(dl[0, start:start + K], p, [prompt] * K, outs[:K], eos_token_ids=eos).softmax(-1)
+            assert torch.allclose(q, want_q, atol=1e-5)
+            assert all(q[i, t] > 0 for i, t in enumerate(draft))
+        out += draft[:n] + [nxt]
+    assert out[:len(res.token_ids)] == res.token_ids and len(out) >= len(res.token_ids)
+
+
 def test_seeded_sampling_is_reproducible_and_self_draft_accepts_nearly_all(tok, models):
     m = models["target"]
     p = SamplingParams(temperature=0.8, top_k=20, max_tokens=30, seed=11, ignore_eos=True)
@@ -244,11 +282,12 @@ def bigram_tables(V: int, params: SamplingParams, seed: int):
 
 def simulate(P: torch.Tensor, Q: torch.Tensor | None, start: torch.Tensor, K: int, g: torch.Generator):
     """One speculative step for every row of `start` (the last token): emitted tokens as [B, K+1], -1 padded."""
-    B, V = start.shape[0], P.shape[0]
+    B = start.shape[0]
     draft, qs, cur = [], [], start
     for _ in range(K):
-        if Q is None:  # a deterministic proposer (as prompt lookup): the token after cur is (cur * 3 + 1) % V
-            cur = (cur * 3 + 1) % V
+        if Q is None:  # a deterministic proposer (as prompt lookup): the target's first or second choice
+            top2 = P[cur].topk(2, dim=-1).indices
+            cur = top2[torch.arange(B), cur % 2]
         else:
             qs.append(Q[cur].softmax(-1))
             cur = torch.multinomial(qs[-1], 1, generator=g).squeeze(1)
@@ -266,7 +305,7 @@ def simulate(P: torch.Tensor, Q: torch.Tensor | None, start: torch.Tensor, K: in
 def test_verify_first_two_tokens_follow_the_target(proposer):
     """20k..40k runs of two speculative steps on a bigram pair with V = 8: the first two emitted tokens must be
     distributed as P[s](a) * P[a](b), P = the target's PROCESSED distribution (temperature + top-k)."""
-    V, N, K, s0 = 8, 40000, 2, 5
+    V, N, K, s0 = 8, 40000, 2, 6
     params = SamplingParams(temperature=0.7, top_k=5)
     P, Q = bigram_tables(V, params, seed=0)
     Q = Q if proposer == "draft" else None
@@ -276,6 +315,7 @@ def test_verify_first_two_tokens_follow_the_target(proposer):
     second = simulate(P, Q, first[:, 0], K, g)  # used where the first step emitted only one token
     t1 = first[:, 0]
     t2 = torch.where(first[:, 1] >= 0, first[:, 1], second[:, 0])
+    assert 0.2 < (first[:, 1] >= 0).float().mean() < 0.95  # both accepted and rejected proposals are common
     counts = torch.bincount(t1 * V + t2, minlength=V * V)
     probs = P.softmax(-1)
     expected = (probs[s0][:, None] * probs).flatten()  # joint of (t1, t2)

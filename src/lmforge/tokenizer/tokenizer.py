@@ -8,12 +8,20 @@ special tokens come right after the merges. From the merges we build, offline, a
 tiktoken merges by the rank of the *merged bytes*, Hugging Face's BPE by the rank of the *merge pair*; for
 ranks produced by BPE training the two agree (tests check it against `tokenizers` on many scripts).
 
+A vocabulary trained elsewhere (a Hugging Face GPT-2 / Llama-3 / Qwen2 tokenizer.json) rarely has that layout:
+its bytes are not ids 0..255, its specials sit anywhere, its merge order need not be its id order.
+`Tokenizer.from_vocab` takes such a vocabulary as it is (token bytes per id, merges in priority order, specials
+with their ids, which special is BOS/EOS/PAD) and keeps its ids; it encodes through tiktoken all the same, with
+ranks derived from the merge order and mapped back to ids when the two orders differ.
+
 Plain text never produces a special token: "<|bos|>" typed in a document is encoded as ordinary text.
 Specials are added on purpose only (`bos=True`, `eos=True`, or by the chat template via `special_tokens`).
 
 On disk (`save` / `load`), a tokenizer is a directory:
-    tokenizer.model        text: a header line, then one merge per line "left_id right_id" (in merge order)
+    tokenizer.model        text: a header line, then one merge per line "left_id right_id" (in merge order);
+                           format v2 (a vocabulary from elsewhere) first lists the bytes of every id in hex
     tokenizer_meta.json    pattern, special tokens, sizes, format version and the hash of all of it
+                           (plus the chat template, if any: it does not change encodings, so not in the hash)
     tokenizer.json         the same tokenizer for Hugging Face `tokenizers` / `transformers` (see export_hf)
     tokenizer_config.json  transformers' side file (tokenizer class, bos/eos/pad names)
 """
@@ -22,9 +30,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import tiktoken
 
@@ -45,7 +54,13 @@ SPECIAL_TOKENS += [f"<|reserved_{i}|>" for i in range(N_SPECIAL_SLOTS - len(SPEC
 
 MODEL_FILE, META_FILE = "tokenizer.model", "tokenizer_meta.json"
 HF_FILE, HF_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
-FORMAT_NAME, FORMAT_VERSION = "lmforge-bpe", 1
+FORMAT_NAME, FORMAT_VERSION = "lmforge-bpe", 2   # v1: our own id layout; v2: a vocabulary from elsewhere
+NORMALIZERS = ("NFC",)  # text normalizations an imported tokenizer may ask for (Qwen2 uses NFC)
+
+
+class MissingTokenError(LmforgeError, AttributeError):
+    """The tokenizer has no such special token (e.g. no BOS). Also an AttributeError, so that
+    `getattr(tok, "bos_id", None)` reads a missing BOS as None."""
 
 
 class Tokenizer:
@@ -74,15 +89,107 @@ class Tokenizer:
         first_special = 256 + len(self.merges)
         self.special_tokens: dict[str, int] = {s: first_special + j for j, s in enumerate(specials)}
         self._token_bytes = token_bytes + [s.encode("utf-8") for s in specials]
-        self._hash: str | None = None
+        self._roles: dict[str, str | None] = {"bos": BOS, "eos": EOS, "pad": PAD}
+        self._own_layout = True      # ids: 256 bytes, then merges, then specials (saved as format v1)
+        self.normalizer: str | None = None
+        self.chat_template: str | None = None  # a Jinja chat template (Hugging Face style), if one came with it
+        self._compile(seen, self.special_tokens)
 
+    def _compile(self, ranks: dict[bytes, int], specials: dict[str, int], rank_to_id: list[int] | None = None):
+        """Build the tiktoken Encoding. `rank_to_id` maps tiktoken's output (ranks) to our ids when they differ."""
+        self._hash = None
+        self._rank_to_id = rank_to_id
         try:
-            self._enc = tiktoken.Encoding(
-                name=f"lmforge-{first_special + len(specials)}",
-                pat_str=pattern, mergeable_ranks=seen, special_tokens=self.special_tokens)
+            self._enc = tiktoken.Encoding(name=f"lmforge-{len(self._token_bytes)}", pat_str=self.pattern,
+                                          mergeable_ranks=ranks, special_tokens=specials)
             self._enc.encode_ordinary("probe 123")  # compiles the regex now, not at the first real call
         except ValueError as e:  # fancy-regex compile errors surface here
             raise ConfigError(f"split pattern is not a valid regex: {e}", field="pattern") from None
+        if rank_to_id is None and self.normalizer is None:
+            self._encode_ordinary = self._enc.encode_ordinary  # the common case: no Python per token
+        else:
+            self._encode_ordinary = self._encode_mapped
+
+    def _encode_mapped(self, text: str) -> list[int]:
+        if self.normalizer is not None:
+            text = unicodedata.normalize(self.normalizer, text)
+        ranks = self._enc.encode_ordinary(text)
+        r2i = self._rank_to_id
+        return ranks if r2i is None else [r2i[r] for r in ranks]
+
+    @classmethod
+    def from_vocab(cls, vocab: Mapping[bytes, int], merges: Sequence[tuple[bytes, bytes]], pattern: str,
+                   special_tokens: Mapping[str, int], *, bos: str | None = None, eos: str | None = None,
+                   pad: str | None = None, normalizer: str | None = None,
+                   chat_template: str | None = None) -> "Tokenizer":
+        """A tokenizer over an existing byte-level BPE vocabulary, keeping its ids.
+
+        vocab: bytes of every ordinary token -> its id (all 256 single bytes among them); merges: (left, right)
+        byte pairs in priority order, each making a token of `vocab`; special_tokens: text -> id; bos/eos/pad:
+        which special plays that role (None: none does); normalizer: None or "NFC", applied before splitting.
+        Together the ids must be exactly 0..N-1. Bad input raises ValueError.
+        A vocabulary that happens to have our own layout (one we exported, say) gives the same tokenizer,
+        hash and files as the original."""
+        specials = dict(special_tokens)
+        n = len(vocab) + len(specials)
+        token_bytes: list[bytes | None] = [None] * n
+        for tb, i in [(bytes(b), i) for b, i in vocab.items()] + [(s.encode("utf-8"), i) for s, i in specials.items()]:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n or token_bytes[i] is not None:
+                raise ValueError(f"token {tb[:40]!r} has id {i!r}: ids must be distinct and cover 0..{n - 1}")
+            if not tb:
+                raise ValueError(f"token {i} is empty")
+            token_bytes[i] = tb
+        missing = [b for b in range(256) if bytes([b]) not in vocab]
+        if missing:
+            raise ValueError(f"the vocabulary lacks {len(missing)} single-byte token(s) (e.g. byte 0x{missing[0]:02x}):"
+                             " byte-level BPE needs all 256")
+        triples = []  # (left id, right id, id made)
+        for k, (a, b) in enumerate(merges):
+            ids = (vocab.get(a), vocab.get(b), vocab.get(a + b))
+            if None in ids:
+                raise ValueError(f"merge {k} ({a!r}, {b!r}) uses or makes a token that is not in the vocabulary")
+            triples.append(ids)
+        roles = {"bos": bos, "eos": eos, "pad": pad}
+        for role, name in roles.items():
+            if name is not None and name not in specials:
+                raise ValueError(f"{role} token {name!r} is not one of the special tokens")
+        if normalizer is not None and normalizer not in NORMALIZERS:
+            raise ValueError(f"normalizer {normalizer!r} is not supported (supported: {', '.join(NORMALIZERS)})")
+        order = sorted(specials, key=specials.__getitem__)
+
+        n_ordinary = len(vocab)
+        own = (normalizer is None and n_ordinary == 256 + len(triples)
+               and all(vocab[bytes([b])] == b for b in range(256))
+               and all(made == 256 + k for k, (_, _, made) in enumerate(triples))
+               and all(specials[s] == n_ordinary + j for j, s in enumerate(order))
+               and all(roles[r] == (d if d in specials else None) for r, d in (("bos", BOS), ("eos", EOS), ("pad", PAD))))
+        if own:
+            tok = cls([(a, b) for a, b, _ in triples], pattern, order)
+            tok.chat_template = chat_template
+            return tok
+
+        tok = cls.__new__(cls)
+        tok.merges = tuple((a, b) for a, b, _ in triples)
+        tok.pattern = pattern
+        tok.special_tokens = {s: specials[s] for s in order}
+        tok._token_bytes = token_bytes
+        tok._roles = roles
+        tok._own_layout = False
+        tok._special_ids = frozenset(specials.values())
+        tok.normalizer = normalizer
+        tok.chat_template = chat_template
+        # tiktoken merges by rank of the merged bytes and returns ranks. If the ids already grow in merge order
+        # (GPT-2, Llama 3, Qwen2), the ids are the ranks; otherwise ranks follow the merge order (single bytes
+        # first: they are never merged into, so their rank does not matter; tokens no merge makes last).
+        made = list(dict.fromkeys(m for _, _, m in triples))
+        if all(x < y for x, y in zip(made, made[1:])):
+            tok._compile({token_bytes[i]: i for i in vocab.values()}, {})
+        else:
+            singles = [vocab[bytes([b])] for b in range(256)]
+            done = set(made) | set(singles)
+            order_ids = singles + made + [i for i in sorted(vocab.values()) if i not in done]
+            tok._compile({token_bytes[i]: r for r, i in enumerate(order_ids)}, {}, order_ids)
+        return tok
 
     # ---- training -------------------------------------------------------------------------------------
     @classmethod
@@ -118,22 +225,36 @@ class Tokenizer:
         try:
             return self.special_tokens[token]
         except KeyError:
-            raise LmforgeError(f"this tokenizer has no special token {token}") from None
+            raise MissingTokenError(f"this tokenizer has no special token {token}") from None
+
+    def role_token(self, role: str) -> str | None:
+        """The special token that plays `role` ('bos', 'eos' or 'pad'), or None. Ours: <|bos|>, <|eos|>, <|pad|>;
+        an imported tokenizer keeps its own (e.g. Llama 3's <|begin_of_text|>)."""
+        name = self._roles.get(role)
+        return name if name in self.special_tokens else None
+
+    def _role_id(self, role: str) -> int:
+        name = self._roles.get(role)
+        if name is None:
+            raise MissingTokenError(f"this tokenizer has no {role.upper()} token")
+        return self.special_id(name)
 
     @property
     def bos_id(self) -> int:
-        return self.special_id(BOS)
+        return self._role_id("bos")
 
     @property
     def eos_id(self) -> int:
-        return self.special_id(EOS)
+        return self._role_id("eos")
 
     @property
     def pad_id(self) -> int:
-        return self.special_id(PAD)
+        return self._role_id("pad")
 
     def is_special(self, i: int) -> bool:
-        return i >= 256 + len(self.merges)
+        if self._own_layout:
+            return i >= 256 + len(self.merges)
+        return i in self._special_ids
 
     def id_to_bytes(self, i: int) -> bytes:
         """The bytes of one token (a special token gives its text). A lone token may be a partial UTF-8 char."""
@@ -147,7 +268,7 @@ class Tokenizer:
     # ---- encode / decode ------------------------------------------------------------------------------
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Text -> ids. Special-token strings inside `text` are ordinary text; bos/eos add the real ones."""
-        ids = self._enc.encode_ordinary(text)
+        ids = self._encode_ordinary(text)
         if bos:
             ids.insert(0, self.bos_id)
         if eos:
@@ -159,7 +280,7 @@ class Tokenizer:
         """Many texts at once: one thread per contiguous group of texts (tiktoken's Rust code releases the GIL).
         tiktoken's own batch call submits a task per text, whose overhead dominates for short documents."""
         texts = list(texts)
-        enc = self._enc.encode_ordinary
+        enc = self._encode_ordinary
         if num_threads <= 1 or len(texts) < 2:
             out = [enc(t) for t in texts]
         else:
@@ -175,7 +296,9 @@ class Tokenizer:
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         ids = self._check_ids(ids)
-        return self._enc.decode_bytes(ids)
+        if self._own_layout:
+            return self._enc.decode_bytes(ids)
+        return b"".join(map(self._token_bytes.__getitem__, ids))
 
     def decode(self, ids: Sequence[int]) -> str:
         """Ids -> text. Never fails on byte sequences that are not valid UTF-8 (a model can emit half a
@@ -199,9 +322,19 @@ class Tokenizer:
         return self._hash
 
     def _compute_hash(self) -> str:
-        blob = json.dumps({"format": FORMAT_NAME, "merges": self.merges, "pattern": self.pattern,
-                           "special_tokens": list(self.special_tokens)}, separators=(",", ":"))
+        if self._own_layout:  # unchanged since v1: token shards on disk record these hashes
+            blob = json.dumps({"format": FORMAT_NAME, "merges": self.merges, "pattern": self.pattern,
+                               "special_tokens": list(self.special_tokens)}, separators=(",", ":"))
+        else:
+            blob = json.dumps({"format": FORMAT_NAME, "version": 2, "tokens": self._token_hex(),
+                               "merges": self.merges, "pattern": self.pattern,
+                               "special_tokens": list(self.special_tokens.items()), "roles": self._roles,
+                               "normalizer": self.normalizer}, separators=(",", ":"))
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def _token_hex(self) -> list[str]:
+        """Every id's bytes in hex, '-' for a special (its text is in special_tokens)."""
+        return ["-" if self.is_special(i) else tb.hex() for i, tb in enumerate(self._token_bytes)]
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Tokenizer) and self.hash() == other.hash()
@@ -218,11 +351,20 @@ class Tokenizer:
         """Write our own files plus the Hugging Face tokenizer.json / tokenizer_config.json."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        lines = [f"{FORMAT_NAME} v{FORMAT_VERSION}"] + [f"{a} {b}" for a, b in self.merges]
+        version = 1 if self._own_layout else 2  # v1 files stay readable by every lmforge that reads v1
+        lines = [f"{FORMAT_NAME} v{version}"]
+        if version == 2:
+            lines += [f"tokens {self.vocab_size}", *self._token_hex(), f"merges {self.n_merges}"]
+        lines += [f"{a} {b}" for a, b in self.merges]
         _write_atomic(d / MODEL_FILE, "\n".join(lines) + "\n")
-        meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "lmforge_version": __version__,
-                "pattern": self.pattern, "special_tokens": list(self.special_tokens),
+        meta = {"format": FORMAT_NAME, "version": version, "lmforge_version": __version__,
+                "pattern": self.pattern,
+                "special_tokens": list(self.special_tokens) if version == 1 else self.special_tokens,
                 "n_merges": self.n_merges, "vocab_size": self.vocab_size, "hash": self.hash()}
+        if version == 2:
+            meta.update(roles=self._roles, normalizer=self.normalizer)
+        if self.chat_template is not None:
+            meta["chat_template"] = self.chat_template
         _write_atomic(d / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         self.export_hf(d)
         return d
@@ -237,22 +379,48 @@ class Tokenizer:
             d = d / "tokenizer"
         meta_path, model_path = d / META_FILE, d / MODEL_FILE
         meta = _read_json(meta_path)
-        for key, typ in (("format", str), ("version", int), ("pattern", str), ("special_tokens", list),
-                         ("hash", str)):
+        for key, typ in (("format", str), ("version", int), ("pattern", str), ("hash", str)):
             if not isinstance(meta.get(key), typ):
                 raise CheckpointError(f"missing or invalid '{key}'", file=str(meta_path), field=key)
-        if meta["format"] != FORMAT_NAME or meta["version"] > FORMAT_VERSION:
+        version = meta["version"]
+        if meta["format"] != FORMAT_NAME or version not in (1, 2):
             raise CheckpointError(f"unsupported tokenizer format {meta['format']} v{meta['version']} "
-                                  f"(this lmforge reads {FORMAT_NAME} v{FORMAT_VERSION})", file=str(meta_path))
-        merges = _read_merges(model_path)
+                                  f"(this lmforge reads {FORMAT_NAME} v1 to v{FORMAT_VERSION})", file=str(meta_path))
+        for key, typ in [("special_tokens", list if version == 1 else dict), ("chat_template", (str, type(None)))] + \
+                [("roles", dict), ("normalizer", (str, type(None)))] * (version == 2):
+            if not isinstance(meta.get(key), typ):
+                raise CheckpointError(f"missing or invalid '{key}'", file=str(meta_path), field=key)
+        tokens, merges = _read_model_file(model_path, version)
         try:
-            tok = cls(merges, meta["pattern"], meta["special_tokens"])
-        except (ValueError, LmforgeError) as e:
+            if version == 1:
+                tok = cls(merges, meta["pattern"], meta["special_tokens"])
+            else:
+                tok = cls._from_saved(tokens, merges, meta)
+        except (ValueError, TypeError, LmforgeError) as e:
             raise CheckpointError(f"corrupt tokenizer: {e}", file=str(model_path)) from None
+        tok.chat_template = meta.get("chat_template")
         if tok.hash() != meta["hash"]:
             raise CheckpointError(f"hash mismatch: {MODEL_FILE} and {META_FILE} do not belong together "
                                   "(edited or mixed files)", file=str(d))
         return tok
+
+    @classmethod
+    def _from_saved(cls, tokens: list[str], merges: list[tuple[int, int]], meta: dict) -> "Tokenizer":
+        """Format v2: hex bytes per id ('-' = special) + merges as id pairs -> from_vocab."""
+        specials = meta["special_tokens"]
+        token_bytes = [None if h == "-" else bytes.fromhex(h) for h in tokens]
+        if sorted(i for i, tb in enumerate(token_bytes) if tb is None) != sorted(specials.values()):
+            raise ValueError("the special tokens' ids do not match the '-' lines")
+        vocab = {tb: i for i, tb in enumerate(token_bytes) if tb is not None}
+        if len(vocab) + len(specials) != len(tokens):
+            raise ValueError("two ids have the same bytes")
+        pairs = []
+        for a, b in merges:
+            if not (a < len(tokens) and b < len(tokens)) or token_bytes[a] is None or token_bytes[b] is None:
+                raise ValueError(f"merge ({a}, {b}) uses an id that is not an ordinary token")
+            pairs.append((token_bytes[a], token_bytes[b]))
+        roles = {r: meta["roles"].get(r) for r in ("bos", "eos", "pad")}
+        return cls.from_vocab(vocab, pairs, meta["pattern"], specials, normalizer=meta["normalizer"], **roles)
 
     # ---- Hugging Face ---------------------------------------------------------------------------------
     def to_hf_json(self) -> dict:
@@ -265,14 +433,14 @@ class Tokenizer:
         `split_special_tokens=True` (transformers) for exactly our plain-text behaviour.
         """
         b2u = _bytes_to_unicode()
-        as_str = [''.join(b2u[b] for b in tb) for tb in self._token_bytes[:256 + self.n_merges]]
+        as_str = {i: ''.join(b2u[b] for b in tb) for i, tb in enumerate(self._token_bytes) if not self.is_special(i)}
         return {
             "version": "1.0",
             "truncation": None,
             "padding": None,
             "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
                               "normalized": False, "special": True} for s, i in self.special_tokens.items()],
-            "normalizer": None,
+            "normalizer": {"type": self.normalizer} if self.normalizer else None,
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
@@ -282,7 +450,7 @@ class Tokenizer:
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                       "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
                       "ignore_merges": True,
-                      "vocab": {s: i for i, s in enumerate(as_str)},
+                      "vocab": {s: i for i, s in as_str.items()},
                       "merges": [[as_str[a], as_str[b]] for a, b in self.merges]},
         }
 
@@ -295,10 +463,12 @@ class Tokenizer:
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000_000,
                   "clean_up_tokenization_spaces": False, "add_prefix_space": False,
                   "lmforge_tokenizer_hash": self.hash()}
-        for key, tok in (("bos_token", BOS), ("eos_token", EOS), ("pad_token", PAD)):
-            if tok in self.special_tokens:
-                config[key] = tok
-        config["additional_special_tokens"] = [s for s in self.special_tokens if s not in (BOS, EOS, PAD)]
+        roles = {key: self.role_token(role) for key, role in (("bos_token", "bos"), ("eos_token", "eos"),
+                                                               ("pad_token", "pad"))}
+        config.update({key: name for key, name in roles.items() if name is not None})
+        config["additional_special_tokens"] = [s for s in self.special_tokens if s not in roles.values()]
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         _write_atomic(d / HF_CONFIG_FILE, json.dumps(config, indent=2) + "\n")
         return d / HF_FILE
 
@@ -344,20 +514,36 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _read_merges(path: Path) -> list[tuple[int, int]]:
+def _read_model_file(path: Path, version: int) -> tuple[list[str] | None, list[tuple[int, int]]]:
+    """tokenizer.model -> (v2: hex bytes per id, else None; merges as id pairs)."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise CheckpointError("file not found", file=str(path)) from None
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"cannot read: {e}", file=str(path)) from None
-    header = f"{FORMAT_NAME} v{FORMAT_VERSION}"
+    header = f"{FORMAT_NAME} v{version}"
     if not lines or lines[0].strip() != header:
         raise CheckpointError(f"first line must be '{header}'", file=str(path), line=1)
+    tokens, start = None, 2
+    if version == 2:
+        def count(line_no: int, word: str) -> int:
+            parts = lines[line_no - 1].split() if line_no <= len(lines) else []
+            if len(parts) != 2 or parts[0] != word or not parts[1].isdigit():
+                raise CheckpointError(f"expected '{word} N'", file=str(path), line=line_no)
+            return int(parts[1])
+        n_tokens = count(2, "tokens")
+        tokens = [t.strip() for t in lines[2:2 + n_tokens]]
+        for k, t in enumerate(tokens):
+            if t != "-" and (not t or len(t) % 2 or any(c not in "0123456789abcdef" for c in t)):
+                raise CheckpointError(f"expected a token's bytes in hex or '-', got {t[:40]!r}", file=str(path),
+                                      line=3 + k)
+        count(3 + n_tokens, "merges")
+        start = 4 + n_tokens
     merges = []
-    for n, line in enumerate(lines[1:], start=2):
+    for n, line in enumerate(lines[start - 1:], start=start):
         parts = line.split()
         if len(parts) != 2 or not all(p.isdigit() for p in parts):
             raise CheckpointError(f"expected two token ids 'left right', got {line[:40]!r}", file=str(path), line=n)
         merges.append((int(parts[0]), int(parts[1])))
-    return merges
+    return tokens, merges

@@ -207,7 +207,8 @@ class Matcher:
         self._m, self._vocab, self._ends = m, vocab, ends
         self._bits = np.zeros((vocab + 31) // 32, dtype=np.uint32)  # llguidance's bitmask: bit i = token i
         self._fresh = False          # _bits holds the mask of the current state
-        self._disallowed: dict[int, torch.Tensor] = {}  # per requested size, for the current state
+        self._bias_buf = np.empty(0, dtype=np.uint32)
+        self._bias: torch.Tensor | None = None  # 0 / -inf per logit for the current state, once apply needed it
         self.num_tokens = 0
 
     # ---- masks ------------------------------------------------------------------------------------------------
@@ -216,32 +217,37 @@ class Matcher:
             self._m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
             self._check()
             self._fresh = True
-            self._disallowed.clear()
+            self._bias = None
 
-    def _disallowed_mask(self, size: int) -> torch.Tensor:
-        """bool [size], True = may NOT be sampled. Ids past the tokenizer's vocabulary (model padding) never may."""
+    def _disallowed(self, size: int) -> np.ndarray:
+        """uint8 [size], 1 = may NOT be sampled. Ids past the tokenizer's vocabulary (model padding) never may."""
         if size < self._vocab:
             raise ValueError(f"{size} logits for a tokenizer of {self._vocab} tokens")
         self._compute()
-        out = self._disallowed.get(size)
-        if out is None:
-            # invert the packed bits first (vocab/8 bytes), then unpack: one pass over the vocabulary
-            bits = np.unpackbits(np.invert(self._bits).view(np.uint8), count=self._vocab, bitorder="little")
-            if size > self._vocab:
-                bits = np.concatenate([bits, np.ones(size - self._vocab, dtype=np.uint8)])
-            out = self._disallowed[size] = torch.from_numpy(bits.view(np.bool_))
-        return out
+        # invert the packed bits first (vocab/8 bytes), then unpack: one pass over the vocabulary
+        bits = np.unpackbits(np.invert(self._bits).view(np.uint8), count=self._vocab, bitorder="little")
+        if size > self._vocab:
+            bits = np.concatenate([bits, np.ones(size - self._vocab, dtype=np.uint8)])
+        return bits
 
     def allowed_mask(self, vocab_size: int) -> torch.Tensor:
         """bool [vocab_size]: True = may be sampled next. End tokens are allowed exactly when the grammar may end."""
-        return ~self._disallowed_mask(vocab_size)
+        return torch.from_numpy(self._disallowed(vocab_size) == 0)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """Set the logits of disallowed tokens to -inf, in place; logits [V] or [1, V] on any device."""
-        mask = self._disallowed_mask(logits.shape[-1])
-        if mask.device != logits.device:
-            mask = mask.to(logits.device, non_blocking=True)
-        return logits.masked_fill_(mask, float("-inf"))
+        """Set the logits of disallowed tokens to -inf, in place; logits [V] or [1, V], any dtype and device.
+
+        Done by adding a bias of 0 / -inf: a dense add is several times faster than masked_fill_ with a
+        scattered mask (~10 vs ~50 us for 8k logits here), and x + 0 == x, x + -inf == -inf exactly."""
+        size = logits.shape[-1]
+        self._compute()
+        if self._bias is None or self._bias.shape[0] != size:
+            if self._bias_buf.shape[0] != size:
+                self._bias_buf = np.empty(size, dtype=np.uint32)
+            # 0xFF800000 is the bit pattern of float32 -inf, so 1 * pattern -> -inf and 0 * pattern -> 0.0
+            np.multiply(self._disallowed(size), np.uint32(0xFF800000), out=self._bias_buf, dtype=np.uint32)
+            self._bias = torch.from_numpy(self._bias_buf.view(np.float32))
+        return logits.add_(self._bias.to(logits.device))
 
     # ---- state ------------------------------------------------------------------------------------------------
     def accept(self, token: int) -> None:

@@ -15,8 +15,7 @@ Streaming text is decoded incrementally from bytes: a token may hold half a mult
 back until the character is complete. Text that could be the beginning of a stop string is kept back too, just
 as many characters as could still match, and released as soon as it cannot.
 
-Batched generation (many prompts, continuous batching) belongs to the engine; this module is the reference it
-is tested against.
+The loop itself lives in `engine.py` (batched: many prompts, n completions each); `generate` is a batch of one.
 """
 from __future__ import annotations
 
@@ -181,54 +180,6 @@ def _prepare(model, tokenizer, prompt, params: SamplingParams, add_bos: bool | N
     return _Request(prompt_ids, params, vocab, budget, eos, choice)
 
 
-def _decode(model, tokenizer, req: _Request, precision: str) -> Iterator[Delta]:
-    """The loop: prefill, then one token per step through the KV cache. Yields one Delta per token."""
-    params, prompt_ids = req.params, req.prompt_ids
-    ends = set(req.eos) | set(params.stop_token_ids)
-    device = next(model.parameters()).device
-    gen = params.make_generator(device, offset=req.choice)
-    detok = Detokenizer(tokenizer, params.stop)
-    cache = model.new_kv_cache(1, max_len=len(prompt_ids) + req.budget - 1)
-    out_ids: list[int] = []
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), _autocast(device, precision):
-            logits, _ = model(torch.tensor([prompt_ids], device=device), kv_cache=cache, logits_to_keep=1)
-            while True:
-                raw = logits[:, -1, :].float()
-                if req.vocab < raw.shape[-1]:
-                    raw[:, req.vocab:] = float("-inf")
-                processed = process_logits(raw, params, [prompt_ids], [out_ids], eos_token_ids=req.eos)
-                tok = int(sample(processed, [gen])[0])
-                lps = None
-                if params.logprobs is not None:
-                    src = log_probs(raw if params.logprobs_mode == "raw" else processed)
-                    lps = gather_logprobs(src, torch.tensor([tok], device=device), params.logprobs)
-                out_ids.append(tok)
-
-                check_stop = len(out_ids) >= params.min_tokens
-                finish, reason = None, None
-                if tok in ends:
-                    finish, reason = "stop", tok
-                elif (matched := detok.add(tok, check_stop)) is not None:
-                    finish, reason = "stop", matched
-                elif len(out_ids) >= req.budget:
-                    finish = "length"
-                if finish is not None:
-                    if reason is None or isinstance(reason, int):
-                        # flush a dangling partial character (as U+FFFD: those bytes really are incomplete)
-                        if (matched := detok.finish(check_stop)) is not None:
-                            finish, reason = "stop", matched
-                    yield Delta(detok.ready(final=True), [tok], lps, finish, reason)
-                    return
-                yield Delta(detok.ready(), [tok], lps)
-                logits, _ = model(torch.tensor([[tok]], device=device), kv_cache=cache, logits_to_keep=1)
-    finally:
-        model.train(was_training)
-
-
 class GenerationStream:
     """Iterate for Deltas; afterwards `.result` holds the whole GenerationResult."""
 
@@ -258,30 +209,32 @@ def _unwrap(model):
 
 
 def generate(model, tokenizer, prompt: str | Sequence[int], params: SamplingParams | None = None,
-             stream: bool = False, *, add_bos: bool | None = None, precision: str = "fp32"):
-    """Generate one completion of `prompt` (text, or token ids).
+             stream: bool = False, *, add_bos: bool | None = None, precision: str = "fp32", constraint=None):
+    """Generate one completion of `prompt` (text, or token ids) with the engine (a batch of one).
 
     stream=False: returns a GenerationResult. stream=True: returns a GenerationStream of Deltas.
     add_bos: text prompts get the tokenizer's BOS first (as documents in pretraining do) unless False;
     id prompts get it only when True. precision: 'fp32' (default, exact), 'bf16', 'fp16' or 'auto' (autocast).
+    constraint: a `constrained.Grammar` (JSON schema, regex, choices) the text must follow.
     Errors the user can fix (prompt too long, ids outside the vocabulary, n > 1) raise LmforgeError at the call.
     """
+    from lmforge.infer.engine import Engine
     params = params or SamplingParams()
     if params.n != 1:
         raise ConfigError("generate() makes one completion; use generate_n() for n > 1", field="n")
-    model = _unwrap(model)
-    req = _prepare(model, tokenizer, prompt, params, add_bos)
-    s = GenerationStream(_decode(model, tokenizer, req, precision), req.prompt_ids)
+    run = Engine(model, tokenizer, precision=precision).start([prompt], params, constraint=constraint,
+                                                               add_bos=add_bos)
+    s = GenerationStream((d for _, _, d in run), run.prompt_ids[0])
     return s if stream else s.consume()
 
 
 def generate_n(model, tokenizer, prompt: str | Sequence[int], params: SamplingParams, *,
-               add_bos: bool | None = None, precision: str = "fp32") -> list[GenerationResult]:
-    """params.n completions, one after another; completion i uses seed + i (when seeded)."""
-    model = _unwrap(model)
-    one = dataclasses.replace(params, n=1)
-    reqs = [_prepare(model, tokenizer, prompt, one, add_bos, choice=i) for i in range(params.n)]
-    return [GenerationStream(_decode(model, tokenizer, r, precision), r.prompt_ids).consume() for r in reqs]
+               add_bos: bool | None = None, precision: str = "fp32", constraint=None) -> list[GenerationResult]:
+    """params.n completions of one prompt: one prefill, then the n rows decode as a batch; completion i uses
+    seed + i (when seeded), so each equals what generate() gives with that seed."""
+    from lmforge.infer.engine import Engine
+    return Engine(model, tokenizer, precision=precision).generate([prompt], params, constraint=constraint,
+                                                                 add_bos=add_bos)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------

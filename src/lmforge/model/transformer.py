@@ -106,6 +106,16 @@ class KVCache:
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep batch rows `rows` (in that order, repeats allowed): fan a prompt out to n completions, drop
+        finished rows, reorder beams. Copies only the filled slots into a cache of the same max_len."""
+        rows = torch.as_tensor(rows, device=self.k.device)
+        k = self.k.new_zeros((self.k.size(0), len(rows)) + tuple(self.k.shape[2:]))
+        v = torch.zeros_like(k)
+        k[:, :, :, :self.pos] = self.k[:, :, :, :self.pos].index_select(1, rows)
+        v[:, :, :, :self.pos] = self.v[:, :, :, :self.pos].index_select(1, rows)
+        self.k, self.v, self.batch = k, v, len(rows)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # layers
@@ -303,15 +313,16 @@ class Transformer(nn.Module):
         B, T = idx.shape
         past = kv_cache.pos if kv_cache is not None else 0
         S = past + T
-        if S > cfg.max_seq_len:
-            raise ValueError(f"sequence of {S} tokens exceeds max_seq_len {cfg.max_seq_len}")
-
         pad = None
         if attn_mask is not None and attn_mask.dim() == 2:
             if attn_mask.shape != (B, S):
                 raise ValueError(f"attn_mask has shape {tuple(attn_mask.shape)}, expected {(B, S)} "
                                  f"(cached + new tokens)")
             pad = attn_mask.bool()
+        # the limit is on positions: padding slots (left-padded batches) take cache room but no position
+        longest = S if pad is None or position_ids is not None else int(pad.sum(-1).max())
+        if longest > cfg.max_seq_len:
+            raise ValueError(f"sequence of {longest} tokens exceeds max_seq_len {cfg.max_seq_len}")
         if position_ids is None:
             if pad is not None:
                 position_ids = (pad.long().cumsum(-1) - 1).clamp(min=0)[:, past:]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lmforge.errors import ConfigError
+from lmforge.interop.hf import config_from_hf, state_from_hf
 from lmforge.model import PRESETS, KVCache, ModelConfig, Transformer, get_preset
 from lmforge.model.config import default_d_ff
 
@@ -417,42 +418,19 @@ def transformers():
 
 
 def _from_gpt2(hf, cfg):
-    """HF GPT2LMHeadModel -> our state dict. GPT-2 uses Conv1D (weight is (in, out)): transpose; split c_attn."""
-    sd, out = hf.state_dict(), {}
-    d = cfg.d_model
-    out["tok_emb.weight"] = sd["transformer.wte.weight"]
-    out["pos_emb.weight"] = sd["transformer.wpe.weight"]
-    for i in range(cfg.n_layer):
-        p, q = f"transformer.h.{i}.", f"blocks.{i}."
-        for hf_n, our_n in (("ln_1", "attn_norm"), ("ln_2", "ffn_norm")):
-            out[q + our_n + ".weight"], out[q + our_n + ".bias"] = sd[p + hf_n + ".weight"], sd[p + hf_n + ".bias"]
-        w, b = sd[p + "attn.c_attn.weight"].t(), sd[p + "attn.c_attn.bias"]
-        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            out[q + f"attn.{name}.weight"], out[q + f"attn.{name}.bias"] = w[j * d:(j + 1) * d], b[j * d:(j + 1) * d]
-        for hf_n, our_n in (("attn.c_proj", "attn.o_proj"), ("mlp.c_fc", "ffn.up_proj"),
-                            ("mlp.c_proj", "ffn.down_proj")):
-            out[q + our_n + ".weight"], out[q + our_n + ".bias"] = sd[p + hf_n + ".weight"].t(), sd[p + hf_n + ".bias"]
-    out["norm.weight"], out["norm.bias"] = sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]
-    out["lm_head.weight"] = sd["lm_head.weight"]
-    return out
+    """HF GPT2LMHeadModel -> our state dict (transposed Conv1D weights, c_attn split): lmforge.interop.hf."""
+    return _with_tied_head(dict(state_from_hf(hf.state_dict(), cfg, "gpt2")), cfg)
 
 
 def _from_llama(hf, cfg):
     """HF Llama/Qwen2/Qwen3/Mistral -> our state dict: same layout, renamed (RoPE needs no permutation)."""
-    sd, out = hf.state_dict(), {}
-    out["tok_emb.weight"] = sd["model.embed_tokens.weight"]
-    for i in range(cfg.n_layer):
-        p, q = f"model.layers.{i}.", f"blocks.{i}."
-        out[q + "attn_norm.weight"] = sd[p + "input_layernorm.weight"]
-        out[q + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
-        for k, v in sd.items():
-            if k.startswith(p + "self_attn."):
-                out[q + "attn." + k[len(p + "self_attn."):]] = v
-            elif k.startswith(p + "mlp."):
-                out[q + "ffn." + k[len(p + "mlp."):]] = v
-    out["norm.weight"] = sd["model.norm.weight"]
-    out["lm_head.weight"] = sd.get("lm_head.weight", out["tok_emb.weight"])
-    return out
+    return _with_tied_head(dict(state_from_hf(hf.state_dict(), cfg, "llama")), cfg)
+
+
+def _with_tied_head(sd, cfg):
+    if cfg.tie_embeddings:  # a strict load_state_dict wants the tied alias too
+        sd["lm_head.weight"] = sd["tok_emb.weight"]
+    return sd
 
 
 def _check_parity(hf, cfg, convert, T=24, pad_left=False):
@@ -460,6 +438,7 @@ def _check_parity(hf, cfg, convert, T=24, pad_left=False):
     for p in hf.parameters():  # HF zero-inits biases and ones-inits norms: randomize so the mapping is tested
         if p.dim() == 1:
             p.data.normal_(1.0 if p.data.eq(1).all() else 0.0, 0.1)
+    assert config_from_hf(hf.config.to_dict())[0] == cfg  # the importer derives the same config
     ours = Transformer(cfg).eval()
     ours.load_state_dict(convert(hf, cfg))
     assert ours.num_params()["total"] == sum(p.numel() for p in hf.parameters())

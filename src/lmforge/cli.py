@@ -173,6 +173,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=100, help="tokens to generate (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+
+    # interop: Hugging Face and GGUF
+    imp = verbs.add_parser("import", help="import a model from another format",
+                           description="import a model from another format")
+    isub = imp.add_subparsers(dest="import_verb", metavar="FORMAT")
+    isub.required = True
+    p = verb(isub, "hf", "lmforge.interop.hf:cmd_import_hf",
+             "Hugging Face directory (Llama, Mistral, Qwen2, Qwen3, GPT-2; safetensors) -> lmforge checkpoint")
+    p.add_argument("--source", required=True, metavar="HF_DIR",
+                   help="local model directory (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--out", required=True, metavar="CKPT_DIR", help="checkpoint directory to write")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype in the checkpoint (default: as stored)")
+    exp = verbs.add_parser("export", help="export a checkpoint to another format",
+                           description="export a checkpoint to another format")
+    xsub = exp.add_subparsers(dest="export_verb", metavar="FORMAT")
+    xsub.required = True
+    p = verb(xsub, "hf", "lmforge.interop.hf:cmd_export_hf",
+             "lmforge checkpoint -> Hugging Face directory (from_pretrained loads it offline)")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT_DIR")
+    p.add_argument("--out", required=True, metavar="HF_DIR")
+    p = verb(xsub, "gguf", "lmforge.interop.gguf:cmd_export_gguf",
+             "lmforge checkpoint -> GGUF file for llama.cpp (llama-style models)")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT_DIR")
+    p.add_argument("--out", required=True, metavar="FILE.gguf")
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0", "q4_0"],
+                   help="weight type of the matrices (default f16; norms stay f32)")
     return parser
 
 

@@ -162,7 +162,8 @@ class Tokenizer:
                and all(vocab[bytes([b])] == b for b in range(256))
                and all(made == 256 + k for k, (_, _, made) in enumerate(triples))
                and all(specials[s] == n_ordinary + j for j, s in enumerate(order))
-               and all(roles[r] == (d if d in specials else None) for r, d in (("bos", BOS), ("eos", EOS), ("pad", PAD))))
+               and all(roles[r] == (d if d in specials else None)
+                       for r, d in (("bos", BOS), ("eos", EOS), ("pad", PAD))))
         if own:
             tok = cls([(a, b) for a, b, _ in triples], pattern, order)
             tok.chat_template = chat_template

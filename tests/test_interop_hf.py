@@ -154,6 +154,26 @@ def test_tokenizer_import_ids_not_in_merge_order(tmp_path):
     assert back == tok and back.encode(TEXTS[5]) == tok.encode(TEXTS[5])
 
 
+def test_saved_v2_tokenizer_errors_name_the_line(tmp_path):
+    save_hf_tokenizer("qwen2", tmp_path / "hf")
+    d = read_hf_tokenizer(tmp_path / "hf").save(tmp_path / "tok")
+    model = d / "tokenizer.model"
+    good = model.read_text().splitlines()
+    assert good[:2] == ["lmforge-bpe v2", f"tokens {len(hf_tokenizer('qwen2')[0].get_vocab())}"]
+    for line_no, bad, match in ((3, "zz", r"tokenizer\.model:3: expected a token's bytes in hex"),
+                                (2, "tokens x", r"tokenizer\.model:2: expected 'tokens N'"),
+                                (len(good), "1 x", rf"tokenizer\.model:{len(good)}: expected two token ids")):
+        model.write_text("\n".join(good[:line_no - 1] + [bad] + good[line_no:]) + "\n")
+        with pytest.raises(LmforgeError, match=match):
+            Tokenizer.load(d)
+    first_special = next(i for i, t in enumerate(good[2:]) if t == "-")
+    model.write_text("\n".join(good[:2 + first_special] + ["41"] + good[3 + first_special:]) + "\n")
+    with pytest.raises(LmforgeError, match="corrupt tokenizer"):
+        Tokenizer.load(d)  # the specials' ids no longer match
+    model.write_text("\n".join(good) + "\n")
+    assert Tokenizer.load(d) == read_hf_tokenizer(tmp_path / "hf")
+
+
 @pytest.mark.parametrize("edit, match", [
     (lambda tj: tj["model"].update(type="WordPiece"), "WordPiece.*byte-level BPE"),
     (lambda tj: tj["model"].update(byte_fallback=True), "byte_fallback"),
@@ -311,6 +331,18 @@ def test_import_refuses_unsupported_config(change, match, tmp_path, capsys):
     assert main(["import", "hf", "--source", str(hf_dir), "--out", str(tmp_path / "ckpt")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "config.json" in err and not (tmp_path / "ckpt").exists()
+
+
+def test_mistral_sliding_window_limits_the_context(tmp_path):
+    hf_dir = tmp_path / "hf"
+    save_hf_tokenizer("llama3", hf_dir)
+    hf = hf_model("mistral", 505)
+    hf.config.sliding_window = 64  # < max_position_embeddings = 128: full attention is exact up to 64 tokens
+    hf.save_pretrained(str(hf_dir))
+    with pytest.warns(UserWarning, match="sliding_window=64"):
+        model, tok, _ = load_hf(hf_dir, progress=False)
+    assert model.config.max_seq_len == 64
+    assert max_logit_diff(model, hf, 505, T=48) <= 1e-4
 
 
 def test_import_errors_missing_files(tmp_path):

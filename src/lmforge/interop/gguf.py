@@ -134,7 +134,9 @@ def _encode(t: np.ndarray, ggml_type) -> np.ndarray:
         return t.astype(np.float32)
     if ggml_type == T.F16:
         return t.astype(np.float16)
-    return (quantize_q8_0 if ggml_type == T.Q8_0 else quantize_q4_0)(t)
+    quant = quantize_q8_0 if ggml_type == T.Q8_0 else quantize_q4_0
+    step = max(1, (1 << 20) // t.shape[-1])  # ~1M values at a time: the quantizer's temporaries stay small
+    return np.concatenate([quant(t[i:i + step]) for i in range(0, t.shape[0], step)])
 
 
 def _nbytes(shape, ggml_type) -> int:
@@ -264,6 +266,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, qtype: str = "f16", *, 
             writer.write_tensor_data(_encode(t.numpy(), _ggml_type(qtype, tuple(t.shape))))
         bar.close()
         writer.close()
+        weights.close()
     except KeyError as e:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"missing tensor {e}", file=str(path / "model.safetensors")) from None

@@ -308,6 +308,10 @@ class SafetensorsDir(Mapping):
     def __len__(self) -> int:
         return len(self._where)
 
+    def close(self) -> None:
+        """Unmap the files (their pages stop counting as this process's memory)."""
+        self._files.clear()
+
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in set(self._where.values()) if p.is_file())
 
@@ -392,6 +396,7 @@ def load_hf(source: str | Path, device: str | torch.device = "cpu", dtype=torch.
     tensors = SafetensorsDir(src)
     model = build_model(tensors, cfg, family, dtype=dtype, device=device, progress=progress,
                         file=str(src / "model.safetensors"))
+    tensors.close()
     return model, tok, generation_from_hf(src, tok)
 
 
@@ -452,8 +457,6 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, progress: bool = True)
         for name in ours:
             state[name] = ours[name]
             bar.update(state[name].numel() * state[name].element_size())
-    if cfg.tie_embeddings:
-        state.setdefault("lm_head.weight", state["tok_emb.weight"])
     hf_state = state_to_hf(state, cfg, family)
     del state
     hc["torch_dtype"] = str(next(iter(hf_state.values())).dtype).removeprefix("torch.")

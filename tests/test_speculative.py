@@ -50,7 +50,8 @@ def models(tok):
 
 
 def assert_same(a, b):
-    assert (a.token_ids, a.text, a.finish_reason, a.stop_reason) == (b.token_ids, b.text, b.finish_reason, b.stop_reason)
+    for name in ("token_ids", "text", "finish_reason", "stop_reason"):
+        assert getattr(a, name) == getattr(b, name), name
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)

@@ -164,7 +164,8 @@ class _Draft:
         self.device = next(model.parameters()).device
 
     def propose(self, seq: list[int], out_ids: list[int], k: int, gen, stats: SpecStats):
-        """Up to k tokens and their distributions q [k, V] (the draft's processed ones)."""
+        """Up to k tokens and the distributions q [k, V] they were drawn from (the draft's processed ones;
+        None when greedy: point masses)."""
         k = min(k, self.max_seq - len(seq) + 1)  # the draft reads seq + d_1..d_{k-1}: stay within its context
         if k <= 0:
             return [], None
@@ -178,9 +179,10 @@ class _Draft:
             q = process_logits(raw, params, [req.prompt_ids], [out_ids + props], eos_token_ids=req.eos)
             t = int(sample(q, [gen])[0])
             props.append(t)
-            qs.append(q[0].softmax(dim=-1))
+            if not params.greedy:  # greedy q is a point mass on t: verify's q=None says just that
+                qs.append(q[0].softmax(dim=-1))
             feed = [t]
-        return props, torch.stack(qs)
+        return props, torch.stack(qs) if qs else None
 
     def rollback(self, valid: int) -> None:
         """Keep only the first `valid` cached positions (the rest held rejected proposals)."""

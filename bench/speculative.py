@@ -1,0 +1,153 @@
+"""Speculative decoding: tokens/s with and without it, and the acceptance rate, on a model trained on the KJV.
+
+    OMP_NUM_THREADS=1 python bench/speculative.py                     # trains a target (60 s) + draft (30 s) first
+    OMP_NUM_THREADS=1 python bench/speculative.py --checkpoint runs/quickstart/pretrain/checkpoint
+
+Without --checkpoint it trains a BPE tokenizer (vocab 2048) on the KJV and a target (d256, 4 layers) for
+--train-seconds with lmforge's trainer; without --draft-checkpoint it trains a draft (d128, 2 layers) with the
+target's tokenizer for --draft-seconds. Then, for each prompt:
+  plain     generate()
+  lookup    prompt lookup (no draft), lookahead K, n-gram 3
+  draft     the draft model proposes K tokens
+greedy (outputs must be identical to plain: checked) and sampled (temperature 0.8, top-k 50; distribution-equal,
+not sample-equal, so the outputs differ). Prompts: Psalm 136 (every verse ends "for his mercy endureth for
+ever": repetition prompt lookup can copy) and two ordinary openings. Each row is the median of --repeats
+interleaved runs; tokens/s counts generated tokens over wall time, prefill included.
+
+CPU timings here are noisy when other jobs share the machine; compare ratios within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.infer.generate import generate, load_for_inference
+from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.speculative import load_draft, speculative_generate
+
+
+TARGET = dict(d_model=256, n_layer=4, n_head=4, max_seq_len=256)
+DRAFT = dict(d_model=128, n_layer=2, n_head=2)
+
+
+def kjv_tokens(tok) -> np.ndarray:
+    from lmforge.data.corpus import kjv
+    docs = list(kjv())
+    return np.concatenate([np.asarray(t, dtype=np.uint16) for t in tok.encode_batch(docs, bos=True)])
+
+
+def train_model(name: str, tok, ids: np.ndarray, seconds: float, size: dict, out: Path, threads: int) -> Path:
+    """Train a model on the KJV token stream with lmforge's trainer for `seconds`; its checkpoint directory."""
+    from lmforge.eval.bpb import token_byte_lengths
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+    from lmforge.train.pretrain import PretrainTask
+    from lmforge.train.trainer import TrainConfig, train
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, **size)
+    seq = min(cfg.max_seq_len, 256)
+    split = int(len(ids) * 0.98)
+    task = PretrainTask(ids[:split], ids[split:], seq_len=seq, batch_size=16, bos_id=tok.bos_id,
+                        token_bytes=token_byte_lengths(tok), eval_tokens=8192)
+    tcfg = TrainConfig(out_dir=str(out / name), max_steps=None, max_time=seconds, optimizer="muon", lr=3e-3,
+                       warmup_steps=10, log_every=20, threads=threads)
+    s = train(Transformer(cfg), task, tcfg, model_config=cfg.to_dict(), tokenizer=tok)
+    print(f"trained {name}: {s['step']} steps in {s['train_time']:.0f}s, "
+          f"val loss {s.get('val_loss', float('nan')):.3f}", file=sys.stderr)
+    return Path(s["checkpoint"])
+
+
+def prompts() -> dict[str, str]:
+    from lmforge.data.corpus import kjv_verses
+    ps136 = [v["text"] for v in kjv_verses() if v["book"] == "Psalms" and v["chapter"] == 136]
+    return {"psalm136": "\n".join(ps136[:4]) + "\n",
+            "genesis": "In the beginning God created",
+            "moses": "And the LORD spake unto Moses, saying,"}
+
+
+def timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    r = fn()
+    return time.perf_counter() - t0, r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", help="target checkpoint (default: train one)")
+    ap.add_argument("--draft-checkpoint", help="draft checkpoint (default: train one; --draft-seconds 0: none)")
+    ap.add_argument("--out", help="keep the trained checkpoints here (default: a temporary directory)")
+    ap.add_argument("--train-seconds", type=float, default=60)
+    ap.add_argument("--draft-seconds", type=float, default=30)
+    ap.add_argument("--lookahead", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--precision", default="fp32")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    tmp = tempfile.TemporaryDirectory(prefix="lmforge-spec-bench-")
+    out = Path(args.out or tmp.name)
+    ids = None
+    if args.checkpoint:
+        model, tok = load_for_inference(args.checkpoint, device="cpu")
+    else:
+        from lmforge.data.corpus import kjv
+        from lmforge.tokenizer.tokenizer import Tokenizer
+        tok = Tokenizer.train(list(kjv()), vocab_size=2048, progress=False)
+        ids = kjv_tokens(tok)
+        target_dir = train_model("target", tok, ids, args.train_seconds, TARGET, out, args.threads)
+        model, tok = load_for_inference(target_dir, device="cpu")
+    draft_dir = args.draft_checkpoint
+    if draft_dir is None and args.draft_seconds > 0:  # a draft for the target's tokenizer and context
+        size = {**DRAFT, "max_seq_len": model.config.max_seq_len}
+        ids = kjv_tokens(tok) if ids is None else ids
+        draft_dir = train_model("draft", tok, ids, args.draft_seconds, size, out, args.threads)
+    draft = load_draft(draft_dir, tok, device="cpu") if draft_dir else None
+    K, prec = args.lookahead, args.precision
+
+    print(f"target {model.num_params()['total'] / 1e6:.1f}M params"
+          + (f", draft {draft.num_params()['total'] / 1e6:.2f}M" if draft is not None else "")
+          + f"; up to {args.max_tokens} new tokens, lookahead {K}, {prec}, {args.threads} thread(s); "
+            f"median of {args.repeats}")
+    print(f"{'prompt':10} {'sampling':8} {'method':7} {'new':>4} {'tok/s':>8} {'speedup':>8} {'accept':>7} "
+          f"{'tok/step':>8}  same")
+    for pname, prompt in prompts().items():
+        for mode, params in (("greedy", SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)),
+                             ("sampled", SamplingParams(temperature=0.8, top_k=50, max_tokens=args.max_tokens,
+                                                        seed=0, ignore_eos=True))):
+            methods = {"plain": lambda: generate(model, tok, prompt, params, precision=prec),
+                       "lookup": lambda: speculative_generate(model, tok, prompt, params, lookahead=K, precision=prec)}
+            if draft is not None:
+                methods["draft"] = lambda: speculative_generate(model, tok, prompt, params, draft_model=draft,
+                                                                lookahead=K, precision=prec)
+            times = {m: [] for m in methods}
+            results = {}
+            for _ in range(args.repeats):  # interleaved, so load changes hit every method alike
+                for m, fn in methods.items():
+                    dt, results[m] = timed(fn)
+                    times[m].append(dt)
+            base = len(results["plain"].token_ids) / statistics.median(times["plain"])
+            for m in methods:
+                r = results[m]
+                tps = len(r.token_ids) / statistics.median(times[m])
+                st = getattr(r, "spec_stats", None)
+                same = "" if mode == "sampled" or m == "plain" else \
+                    ("yes" if r.token_ids == results["plain"].token_ids else "NO")
+                acc = f"{st.acceptance_rate:7.0%}" if st else f"{'':7}"
+                per = f"{st.tokens_per_step:8.2f}" if st else f"{'':8}"
+                print(f"{pname:10} {mode:8} {m:7} {len(r.token_ids):4} {tps:8.1f} {tps / base:7.2f}x {acc} {per}  "
+                      f"{same}")
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -294,6 +294,7 @@ def test_load_hf_directory_on_the_fly(tmp_path):
     save_hf_tokenizer("qwen2", hf_dir)
     vocab = len(hf_tokenizer("qwen2")[0].get_vocab())
     hf = hf_model("qwen2", vocab)
+    hf.config.bos_token_id = vocab - 3  # as in Qwen2's config.json: the model's, not a BOS the tokenizer adds
     hf.save_pretrained(str(hf_dir))
     (hf_dir / "generation_config.json").write_text(json.dumps(
         {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "eos_token_id": [vocab - 1, vocab - 3]}))

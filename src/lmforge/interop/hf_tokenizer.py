@@ -137,14 +137,17 @@ def _token_name(v) -> str | None:
 
 
 def _roles(d: Path, config: dict, specials: dict[str, int]) -> dict[str, str | None]:
-    """bos/eos/pad from tokenizer_config.json, else special_tokens_map.json, else the ids in config.json."""
+    """bos/eos/pad from tokenizer_config.json (an explicit null counts: Qwen2 has no BOS), else
+    special_tokens_map.json; eos/pad else from the ids in config.json. BOS never comes from config.json: that id
+    is for the model, and a tokenizer that does not declare a BOS does not start prompts with one."""
     stm = _json(d / "special_tokens_map.json") if (d / "special_tokens_map.json").is_file() else {}
     model_cfg = _json(d / "config.json") if (d / "config.json").is_file() else {}
     by_id = {i: s for s, i in specials.items()}
     roles = {}
     for role in ("bos", "eos", "pad"):
-        name = _token_name(config.get(f"{role}_token", stm.get(f"{role}_token")))
-        if name is None:
+        key = f"{role}_token"
+        name = _token_name(config[key] if key in config else stm.get(key))
+        if name is None and key not in config and role != "bos":
             i = model_cfg.get(f"{role}_token_id")
             i = i[0] if isinstance(i, list) and i else i
             name = by_id.get(i) if isinstance(i, int) else None

@@ -357,6 +357,11 @@ def test_import_errors_missing_files(tmp_path):
     (hf_dir / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(LmforgeError, match="never loads"):
         import_hf(hf_dir, tmp_path / "ckpt", progress=False)
+    hf_model("llama", 505).save_pretrained(str(hf_dir))
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
+    with pytest.raises(LmforgeError, match=r"mlp.gate_proj.weight has shape \(96, 64\) but config.json implies"):
+        import_hf(hf_dir, tmp_path / "ckpt", progress=False)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("mine")
     with pytest.raises(LmforgeError, match="refusing to replace"):  # never delete a directory of other things
@@ -482,7 +487,7 @@ def test_cli_import_export_and_load(tmp_path, capsys):
     hf_model("gpt2", 400).save_pretrained(str(hf_dir))
     assert main(["import", "hf", "--source", str(hf_dir), "--out", str(tmp_path / "ckpt"), "--dtype", "bfloat16"]) == 0
     assert load_file(str(tmp_path / "ckpt" / "model.safetensors"))["tok_emb.weight"].dtype == torch.bfloat16
-    model, tok = lmforge.load(tmp_path / "ckpt")
+    model, tok = lmforge.load(tmp_path / "ckpt", device="auto")
     assert model.tok_emb.weight.dtype == torch.float32 and tok.eos_id == 0
     assert main(["export", "hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]) == 0
     assert "wrote" in capsys.readouterr().out

@@ -340,11 +340,16 @@ def build_model(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, family: s
                               + (" (an option lmforge does not support?)" if extra else ""), file=file)
     with torch.device("meta"):
         model = Transformer(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    hf_name = {ours: theirs for ours, theirs, _ in rows}
     total = tensors.nbytes() if isinstance(tensors, SafetensorsDir) else None
     state = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc="load weights", disable=not progress,
               file=sys.stderr) as bar:
         for name, t in state_from_hf(tensors, cfg, family):
+            if tuple(t.shape) != shapes[name]:
+                raise CheckpointError(f"{hf_name[name]} has shape {tuple(t.shape)} but config.json implies "
+                                      f"{shapes[name]}", file=file)
             state[name] = t.to(device=device, dtype=dtype or t.dtype)
             bar.update(t.numel() * t.element_size())
     model.load_state_dict(state, strict=not cfg.tie_embeddings, assign=True)
@@ -384,6 +389,10 @@ def read_hf_config(directory: str | Path) -> tuple[dict, str]:
 def load_hf(source: str | Path, device: str | torch.device = "cpu", dtype=torch.float32, progress: bool = True):
     """(model in eval mode, tokenizer, our generation config) straight from an HF directory; nothing is written.
     dtype None keeps the stored dtype; the default float32 is what lmforge checkpoints load as."""
+    return _load_hf(source, device, dtype, progress)[:3]
+
+
+def _load_hf(source, device, dtype, progress):
     from lmforge.interop.hf_tokenizer import read_hf_tokenizer
 
     src = Path(source)
@@ -397,7 +406,7 @@ def load_hf(source: str | Path, device: str | torch.device = "cpu", dtype=torch.
     model = build_model(tensors, cfg, family, dtype=dtype, device=device, progress=progress,
                         file=str(src / "model.safetensors"))
     tensors.close()
-    return model, tok, generation_from_hf(src, tok)
+    return model, tok, generation_from_hf(src, tok), family
 
 
 def generation_from_hf(directory: Path, tokenizer) -> dict:
@@ -426,8 +435,7 @@ def import_hf(source: str | Path, out: str | Path, *, dtype: str | None = None, 
     if dtype is not None and dtype not in _DTYPES:
         raise ConfigError(f"{dtype!r} is not one of {', '.join(_DTYPES)}", field="dtype")
     _check_out(out, "config.json")
-    model, tok, gen = load_hf(source, dtype=_DTYPES.get(dtype), progress=progress)
-    family = _family(read_hf_config(source)[0], "config.json")
+    model, tok, gen, family = _load_hf(source, "cpu", _DTYPES.get(dtype), progress)
     return save_checkpoint(out, model=model, model_config=model.config.to_dict(), tokenizer=tok,
                            generation_config=gen,
                            extra={"imported_from": {"format": "huggingface", "architecture": FAMILIES[family],
@@ -500,7 +508,9 @@ def generation_to_hf(checkpoint: Path, tokenizer) -> dict:
 
 def load(path: str | Path, device: str | torch.device = "cpu"):
     """(model, tokenizer) ready for generation, from an lmforge checkpoint or run directory, or from a Hugging
-    Face model directory (converted in memory: nothing is written)."""
+    Face model directory (converted in memory: nothing is written). device: 'cpu', 'cuda', 'mps' or 'auto'."""
+    from lmforge.train.runtime import detect_device
+    device = detect_device(device) if isinstance(device, str) else device
     if is_hf_dir(path):
         model, tok, _ = load_hf(path, device, progress=False)
         return model, tok

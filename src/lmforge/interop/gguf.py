@@ -199,6 +199,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, qtype: str = "f16", *, 
         raise ConfigError("GGUF export needs the gguf package: pip install 'lmforge[interop]'") from None
     from tqdm import tqdm
 
+    from lmforge.model.transformer import Transformer
     from lmforge.tokenizer.tokenizer import Tokenizer
     from lmforge.train.checkpoint import read_config, resolve_checkpoint
 
@@ -241,9 +242,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, qtype: str = "f16", *, 
         # header first (names, shapes, types), then the data one tensor at a time: one tensor in memory at once
         factors = rope_factors(cfg)
         plan = [("rope_freqs.weight", None, None)] * (factors is not None) + tensor_plan(cfg)
-        shapes = {}
-        with torch.device("meta"):
-            from lmforge.model.transformer import Transformer
+        with torch.device("meta"):  # shapes only
             shapes = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
         for name, ours, _ in plan:
             shape = factors.shape if ours is None else shapes[ours]

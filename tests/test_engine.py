@@ -158,3 +158,27 @@ def test_grammar_per_row(tok):
     results = Engine(model, tok).generate(["In the", "d"], params, constraint=[g, None])
     assert all(r.text in options and r.finish_reason == "stop" for r in results[0])
     assert any(r.text not in options for r in results[1])   # the unconstrained prompt is free
+
+
+@pytest.mark.parametrize("ffn, bias", [("swiglu", False), ("gelu", True)])
+def test_inference_weights_match_training_path_and_follow_updates(tok, ffn, bias):
+    model = model_for(tok, ffn=ffn, bias=bias, n_kv_heads=4)
+    ids = torch.randint(0, tok.vocab_size, (2, 9))
+    with torch.enable_grad():
+        ref, _ = model(ids)                      # the modules themselves
+    for transposed in (False, True):
+        model.use_transposed_weights(transposed)
+        with torch.inference_mode():
+            fast, _ = model(ids)                 # fused q/k/v and gate/up, cached (in, out) copies
+        torch.testing.assert_close(fast, ref.detach(), atol=1e-5, rtol=1e-5)
+    # an in-place update (what an optimizer step does) must reach the cached copies
+    with torch.no_grad():
+        model.blocks[0].attn.k_proj.weight.mul_(1.5)
+        model.blocks[1].ffn.down_proj.weight.add_(0.01)
+        model.lm_head.weight.mul_(0.9)
+    with torch.enable_grad():
+        ref2, _ = model(ids)
+    with torch.inference_mode():
+        fast2, _ = model(ids)
+    assert not torch.allclose(ref2, ref, atol=1e-3)
+    torch.testing.assert_close(fast2, ref2.detach(), atol=1e-5, rtol=1e-5)

@@ -87,11 +87,17 @@ class Run:
 class Engine:
     """Batched generation for one model + tokenizer. precision: 'fp32' (default, exact), 'bf16', 'fp16', 'auto'."""
 
-    def __init__(self, model, tokenizer, *, precision: str = "fp32"):
+    def __init__(self, model, tokenizer, *, precision: str = "fp32", transposed_weights: bool | None = None):
         self.model = _unwrap(model)
         self.tokenizer = tokenizer
         self.precision = precision
         self.device = next(self.model.parameters()).device
+        # CPU decoding reads (in, out) weight copies ~2x faster at batch 1 (Transformer.use_transposed_weights);
+        # by default on CPU for models up to 2B parameters (the copy doubles their matmul weights in memory)
+        if transposed_weights is None:
+            transposed_weights = self.device.type == "cpu" and sum(p.numel() for p in self.model.parameters()) <= 2e9
+        if transposed_weights and hasattr(self.model, "use_transposed_weights"):
+            self.model.use_transposed_weights(True)
         self._eos = end_token_ids(tokenizer)     # for min_tokens (rows with ignore_eos leave them alone)
 
     # ---- API ----

@@ -56,9 +56,10 @@ def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> tuple[to
         return emb.cos(), emb.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, hd) by the angles in cos/sin (B, T, hd); HF rotate_half convention."""
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_dim: int = 1) -> torch.Tensor:
+    """Rotate x (B, H, T, hd) — or (B, T, H, hd) with heads_dim=2 — by the angles in cos/sin (B, T, hd);
+    HF rotate_half convention."""
+    cos, sin = cos.unsqueeze(heads_dim).to(x.dtype), sin.unsqueeze(heads_dim).to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos + rotated * sin
@@ -120,6 +121,33 @@ class KVCache:
 # ---------------------------------------------------------------------------------------------------------------
 # layers
 
+def inference_linear(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+    """x @ [W_a; W_b; ...]^T + b: one or more projections of the same input as ONE matmul, for inference.
+
+    Decoding runs M=1 matmuls, whose cost on CPU is call overhead and how the weight is laid out: q/k/v (and
+    gate/up) in one call saves calls, and with `owner.transposed_weights` set (Transformer.use_transposed_weights)
+    the weight is kept as a contiguous (in, out) copy, which x @ W reads about twice as fast as (out, in) at M=1.
+    The combined weight is cached on `owner` and rebuilt when a source tensor changed (an optimizer step bumps its
+    version), so sampling between training steps stays correct. Training uses the modules themselves."""
+    transposed = getattr(owner, "transposed_weights", False)
+    mods = [getattr(owner, n) for n in names]
+    if len(mods) == 1 and not transposed:
+        return mods[0](x)
+    key = (transposed,) + tuple((m.weight.data_ptr(), m.weight._version, m.weight.dtype, m.weight.device)
+                                for m in mods)
+    cache = owner.__dict__.setdefault("_infer_w", {})
+    cached = cache.get(names)
+    if cached is None or cached[0] != key:
+        w = torch.cat([m.weight for m in mods]) if len(mods) > 1 else mods[0].weight
+        b = torch.cat([m.bias for m in mods]) if mods[0].bias is not None else None
+        cached = cache[names] = (key, w.t().contiguous() if transposed else w, b)
+    _, w, b = cached
+    if not transposed:
+        return F.linear(x, w, b)
+    y = x @ w
+    return y + b if b is not None else y
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in fp32 and cast back (as HF Llama does, so bf16 results match)."""
 
@@ -162,9 +190,18 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask, kv_cache, return_attn):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        H, Hkv, hd = self.n_head, self.n_kv_heads, self.head_dim
+        infer = not (torch.is_grad_enabled() or self.training)
+        if not infer:
+            q = self.q_proj(x).view(B, T, H, hd)
+            k = self.k_proj(x).view(B, T, Hkv, hd)
+            v = self.v_proj(x).view(B, T, Hkv, hd)
+        else:  # inference: one matmul, one RoPE over q and k together (fewer ops per decoded token)
+            q, k, v = inference_linear(self, ("q_proj", "k_proj", "v_proj"), x).view(B, T, H + 2 * Hkv, hd) \
+                .split([H, Hkv, Hkv], dim=2)
+            if rope is not None and self.q_norm is None:
+                qk = apply_rope(torch.cat([q, k], dim=2), *rope, heads_dim=2)
+                q, k, rope = qk[:, :, :H], qk[:, :, H:], None
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
@@ -212,6 +249,8 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                is_causal=is_causal)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        if infer:
+            return inference_linear(self, ("o_proj",), y), weights
         return self.resid_drop(self.o_proj(y)), weights
 
 
@@ -227,15 +266,22 @@ class FeedForward(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
+        infer = not (torch.is_grad_enabled() or self.training)   # inference: fused, cached weights
         if self.kind == "swiglu":
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        elif self.kind == "gelu":
-            h = F.gelu(self.up_proj(x), approximate=self.gelu_approx)
-        elif self.kind == "relu":
-            h = F.relu(self.up_proj(x))
-        else:  # relu2 (Primer): relu(x)^2
-            h = F.relu(self.up_proj(x)).square()
-        return self.drop(self.down_proj(h))
+            if infer:
+                gate, up = inference_linear(self, ("gate_proj", "up_proj"), x).chunk(2, dim=-1)
+            else:
+                gate, up = self.gate_proj(x), self.up_proj(x)
+            h = F.silu(gate) * up
+        else:
+            u = inference_linear(self, ("up_proj",), x) if infer else self.up_proj(x)
+            if self.kind == "gelu":
+                h = F.gelu(u, approximate=self.gelu_approx)
+            elif self.kind == "relu":
+                h = F.relu(u)
+            else:  # relu2 (Primer): relu(x)^2
+                h = F.relu(u).square()
+        return inference_linear(self, ("down_proj",), h) if infer else self.drop(self.down_proj(h))
 
 
 class Block(nn.Module):
@@ -349,7 +395,9 @@ class Transformer(nn.Module):
         x = self.norm(x)
 
         if targets is None:
-            logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+            x = x[:, -logits_to_keep:] if logits_to_keep else x
+            infer = not (torch.is_grad_enabled() or self.training)
+            logits = inference_linear(self, ("lm_head",), x) if infer else self.lm_head(x)
             loss = None
         else:
             logits = self.lm_head(x)
@@ -403,6 +451,13 @@ class Transformer(nn.Module):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
     # ---- helpers ----
+    def use_transposed_weights(self, enabled: bool = True) -> None:
+        """Inference on CPU: keep (in, out) copies of the matmul weights (see inference_linear). Costs one more
+        copy of those weights in memory; training is unaffected (it uses the parameters)."""
+        for m in [self] + [mod for blk in self.blocks for mod in (blk.attn, blk.ffn)]:
+            m.transposed_weights = enabled
+            m.__dict__.pop("_infer_w", None)
+
     def new_kv_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None,
                      device=None) -> KVCache:
         cfg = self.config

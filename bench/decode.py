@@ -1,0 +1,127 @@
+"""P4/P5 — decoding speed (../shared/BENCH.md): lmforge's engine vs `transformers.generate` on the same weights.
+
+    python bench/decode.py                 # both sizes, batch 1 / 8 / 32
+    python bench/decode.py --sizes 9M --batches 1
+
+Models: HF LlamaForCausalLM built from a config with random weights (seed 0), imported into lmforge through
+`lmforge.interop.hf` (the same tensors). Prompt: 32 random token ids; 128 new tokens; greedy; fp32; 2 threads.
+Both sides must produce the same tokens (checked: a speed number for a different answer means nothing).
+Timed: whole generate calls, median of --repeats after a warm-up, the two sides interleaved so drift hits both.
+TTFT = time of a 1-token generate (prefill + first token). Batch rows all have 32-token prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+SIZES = {  # P4 (a) and P5 (b)
+    "9M": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
+               intermediate_size=688, vocab_size=8192),
+    "125M": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                 intermediate_size=2048, vocab_size=32000),
+}
+PROMPT_LEN, NEW_TOKENS = 32, 128
+
+
+class IdTokenizer:
+    """The engine needs a tokenizer for ids -> text; this bench compares ids only. No BOS/EOS: all 128 tokens
+    are generated on both sides."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def id_to_bytes(self, i: int) -> bytes:
+        return b"x"
+
+    def is_special(self, i: int) -> bool:
+        return False
+
+
+def build(size: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmforge.interop.hf import build_model, config_from_hf
+
+    torch.manual_seed(0)
+    hc = LlamaConfig(**SIZES[size], max_position_embeddings=1024, tie_word_embeddings=False,
+                     bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    hf = LlamaForCausalLM(hc).eval()
+    cfg, family = config_from_hf(hc.to_dict())
+    ours = build_model(dict(hf.state_dict()), cfg, family, progress=False)
+    return hf, ours
+
+
+def timed(fn, repeats: int):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("transformers is not installed: pip install -e '.[dev]'", file=sys.stderr)
+        sys.exit(2)
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import SamplingParams
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    for size in args.sizes:
+        hf, ours = build(size)
+        n_params = sum(p.numel() for p in hf.parameters())
+        V = SIZES[size]["vocab_size"]
+        engine = Engine(ours, IdTokenizer(V))
+        g = torch.Generator().manual_seed(1)
+        for B in args.batches:
+            prompts = torch.randint(0, V, (B, PROMPT_LEN), generator=g)
+
+            def run_hf(n=NEW_TOKENS):
+                with torch.inference_mode():
+                    out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=0)
+                return out[:, PROMPT_LEN:].tolist()
+
+            def run_ours(n=NEW_TOKENS):
+                res = engine.generate(prompts.tolist(), SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+                return [r[0].token_ids for r in res]
+
+            t_hf, out_hf = timed(run_hf, args.repeats)
+            t_us, out_us = timed(run_ours, args.repeats)
+            same = sum(a == b for a, b in zip(out_hf, out_us))
+            ttft_hf, _ = timed(lambda: run_hf(1), args.repeats)
+            ttft_us, _ = timed(lambda: run_ours(1), args.repeats)
+            rows.append((size, n_params, B, B * NEW_TOKENS / t_hf, B * NEW_TOKENS / t_us, ttft_hf, ttft_us, same))
+            r = rows[-1]
+            print(f"{size} ({n_params / 1e6:.1f}M) batch {B:>2}: transformers {r[3]:8.1f} tok/s, lmforge {r[4]:8.1f} "
+                  f"tok/s  ({r[4] / r[3]:.2f}x); TTFT {ttft_hf * 1e3:.1f} vs {ttft_us * 1e3:.1f} ms; "
+                  f"identical greedy rows {same}/{B}", flush=True)
+
+    print(f"\nfp32, {args.threads} threads, prompt {PROMPT_LEN}, {NEW_TOKENS} new tokens, greedy, median of "
+          f"{args.repeats}")
+    print(f"{'model':>6} {'batch':>5} {'HF tok/s':>9} {'lmforge tok/s':>13} {'HF TTFT ms':>10} "
+          f"{'lmforge TTFT ms':>15} {'same':>5} {'ratio':>6}")
+    for size, _, B, hf_tps, us_tps, ttft_hf, ttft_us, same in rows:
+        print(f"{size:>6} {B:>5} {hf_tps:9.1f} {us_tps:13.1f} {ttft_hf * 1e3:10.1f} {ttft_us * 1e3:15.1f} "
+              f"{same:>2}/{B:<2} {us_tps / hf_tps:5.2f}x")
+    if any(r[7] != r[2] for r in rows):
+        print("WARNING: some greedy outputs differ between transformers and lmforge", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -102,7 +102,8 @@ def _entry(tokenizer) -> _Entry:
     lltok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_TokenizerView(tokenizer, ends)), eos_token=ends)
     entry = _Entry(lltok, tokenizer.vocab_size, ends)
     try:
-        ref = weakref.ref(tokenizer, lambda _, k=key: _entries.pop(k, None))
+        ref = weakref.ref(tokenizer, lambda _, k=key, d=_entries: d.pop(k, None))  # d: bound now (at exit
+        # the module globals may already be gone)
     except TypeError:  # an object without weak references: not cached
         return entry
     with _entries_lock:

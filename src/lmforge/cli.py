@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
 
     # generate
-    p = verb(verbs, "generate", "lmforge.infer.generate:cmd_generate",
+    p = verb(verbs, "generate", "lmforge.infer.cli:cmd_generate",
              "generate text from a checkpoint (streams to the terminal)")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint (or run) directory")
     p.add_argument("--prompt", required=True, help="text to continue")
@@ -82,8 +82,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop before this text (repeatable); it is never printed")
     p.add_argument("--seed", type=int, default=None, help="seed: same seed, same output")
+    p.add_argument("--stop-token-id", type=int, action="append", default=None, metavar="ID",
+                   help="also stop at this token id (repeatable)")
+    p.add_argument("--min-tokens", type=int, default=None, help="no EOS/stop token before this many tokens")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past EOS (until the budget)")
+    p.add_argument("--logit-bias", action="append", default=None, metavar="ID=BIAS",
+                   help="add BIAS to token ID's logit (repeatable)")
     p.add_argument("--logprobs", type=int, default=None, metavar="K",
                    help="print each token's logprob and the K most likely alternatives (stderr)")
+    p.add_argument("--logprobs-mode", default=None, choices=["raw", "processed"],
+                   help="logprobs of the model's distribution (raw, default) or the one sampled from")
+    p.add_argument("--n", type=int, default=None, help="number of completions (batched after one prefill)")
+    # structured output (one of)
+    p.add_argument("--json-schema", default=None, metavar="FILE", help="the text is JSON valid under this schema")
+    p.add_argument("--regex", default=None, help="the text fully matches this regular expression")
+    p.add_argument("--choices", nargs="+", default=None, metavar="TEXT", help="the text is exactly one of these")
+    # test-time compute (one of)
+    p.add_argument("--best-of", type=int, default=None, metavar="N", help="sample N, print the highest mean logprob")
+    p.add_argument("--self-consistency", type=int, default=None, metavar="N",
+                   help="sample N, print one with the most common final number")
+    p.add_argument("--beam", type=int, default=None, metavar="K", help="beam search with K beams")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length^this")
+    # speculative decoding
+    p.add_argument("--draft-checkpoint", default=None, metavar="DIR", help="a small model with the same tokenizer")
+    p.add_argument("--lookahead", type=int, default=None, metavar="K",
+                   help="tokens proposed per step (speculative; without a draft: prompt lookup)")
     p.add_argument("--no-stream", action="store_true", help="print the text once, at the end")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--precision", default="fp32", help="fp32 (default) | bf16 | fp16 | auto (autocast)")

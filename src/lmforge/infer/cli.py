@@ -1,0 +1,160 @@
+"""`lmforge generate`: one prompt, every sampling parameter, and the ways to spend more compute on it.
+
+Plain: stream one completion (or --n of them, batched after one prefill). Structured: --json-schema / --regex /
+--choices constrain the text to a grammar. Search: --best-of N (highest mean logprob), --self-consistency N
+(majority answer), --beam K. Faster: --draft-checkpoint DIR or --lookahead K (speculative decoding; prompt
+lookup when no draft is given). The modes are exclusive; bad combinations are one-line errors (exit 2).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from lmforge.errors import ConfigError, LmforgeError
+
+
+def _show_token(tokenizer, i: int) -> str:
+    b = tokenizer.id_to_bytes(i)
+    try:
+        return repr(b.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(b)  # part of a character: show the bytes
+
+
+def _logit_bias(items) -> dict[int, float] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            out[int(key)] = float(value)
+        except ValueError:
+            raise ConfigError(f"expected TOKEN_ID=BIAS, got {item!r}", field="logit_bias") from None
+        if not sep:
+            raise ConfigError(f"expected TOKEN_ID=BIAS, got {item!r}", field="logit_bias")
+    return out
+
+
+def _constraint(args, tokenizer):
+    given = [k for k in ("json_schema", "regex", "choices") if getattr(args, k)]
+    if len(given) > 1:
+        raise ConfigError(f"give one of --json-schema, --regex, --choices (got {', '.join(given)})", field=given[1])
+    if not given:
+        return None
+    from lmforge.infer.constrained import Grammar
+    if args.json_schema:
+        path = Path(args.json_schema)
+        if not path.is_file():
+            raise ConfigError("JSON schema file not found", file=str(path), field="json_schema")
+        try:
+            schema = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"bad JSON: {e.msg}", file=str(path), line=e.lineno, field="json_schema") from None
+        return Grammar.json_schema(tokenizer, schema)
+    if args.regex:
+        return Grammar.regex(tokenizer, args.regex)
+    return Grammar.choices(tokenizer, args.choices)
+
+
+def _print_logprobs(tokenizer, logprobs) -> None:
+    for lp in logprobs or []:
+        alts = ", ".join(f"{_show_token(tokenizer, i)} {v:.3f}" for i, v in lp.top)
+        print(f"{_show_token(tokenizer, lp.token_id):>16} {lp.logprob:8.3f}" + (f"   | {alts}" if alts else ""),
+              file=sys.stderr)
+
+
+def cmd_generate(args) -> int:
+    from lmforge.infer.generate import generate, load_for_inference, params_from_generation_config
+    from lmforge.train.checkpoint import resolve_checkpoint
+
+    search = {"--best-of": args.best_of, "--self-consistency": args.self_consistency, "--beam": args.beam,
+              "--draft-checkpoint/--lookahead": args.draft_checkpoint or args.lookahead}
+    modes = [k for k, v in search.items() if v]
+    if len(modes) > 1:
+        raise ConfigError(f"{' and '.join(modes)} cannot be combined: pick one")
+    if modes and args.n is not None and args.n > 1:
+        raise ConfigError(f"--n is for plain sampling; {modes[0]} makes its own candidates", field="n")
+    for flag in ("best_of", "self_consistency", "beam", "lookahead"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {v}", field=flag)
+
+    path = resolve_checkpoint(args.checkpoint)
+    params = params_from_generation_config(
+        path, defaults={"max_tokens": 256}, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, max_tokens=args.max_new_tokens, stop=args.stop or None,
+        stop_token_ids=args.stop_token_id or None, min_tokens=args.min_tokens, ignore_eos=args.ignore_eos or None,
+        logit_bias=_logit_bias(args.logit_bias), seed=args.seed, logprobs=args.logprobs,
+        logprobs_mode=args.logprobs_mode, n=args.n)
+    model, tokenizer = load_for_inference(path, device=args.device)
+    constraint = _constraint(args, tokenizer)
+    if constraint is not None and modes:
+        raise ConfigError(f"a grammar (--json-schema/--regex/--choices) works with plain sampling, not {modes[0]}")
+    t0 = time.perf_counter()
+
+    if args.best_of or args.self_consistency:
+        from lmforge.infer.search import best_of_n, self_consistency
+        fn, k = (best_of_n, args.best_of) if args.best_of else (self_consistency, args.self_consistency)
+        res = fn(model, tokenizer, args.prompt, params.replace(n=k), precision=args.precision)
+        print(res.best.text)
+        print(res.table(), file=sys.stderr)
+        return _summary(len(res.best.token_ids), t0, f"best of {k}")
+    if args.beam:
+        from lmforge.infer.search import beam_search
+        res = beam_search(model, tokenizer, args.prompt, n_beams=args.beam, max_tokens=params.max_tokens,
+                          stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
+                          length_penalty=args.length_penalty, precision=args.precision)
+        print(res.best.text)
+        print(res.table(), file=sys.stderr)
+        return _summary(len(res.best.token_ids), t0, f"beam {args.beam}")
+    if params.n > 1:
+        from lmforge.infer.engine import Engine
+        results = Engine(model, tokenizer, precision=args.precision).generate([args.prompt], params,
+                                                                            constraint=constraint)[0]
+        for i, r in enumerate(results):
+            print(f"--- completion {i} ({r.finish_reason}) ---\n{r.text}")
+            _print_logprobs(tokenizer, r.logprobs)
+        return _summary(sum(len(r.token_ids) for r in results), t0, f"{params.n} completions")
+
+    extra = ""
+    if args.draft_checkpoint or args.lookahead:
+        from lmforge.infer.speculative import load_draft, speculative_generate
+        draft = load_draft(resolve_checkpoint(args.draft_checkpoint), tokenizer, device=args.device) \
+            if args.draft_checkpoint else None
+        s = speculative_generate(model, tokenizer, args.prompt, params, draft_model=draft,
+                                 lookahead=args.lookahead or 4, precision=args.precision, stream=True)
+    else:
+        s = generate(model, tokenizer, args.prompt, params, stream=True, precision=args.precision,
+                     constraint=constraint)
+    if args.no_stream:  # the text comes at the end: show a token counter meanwhile (on a terminal only)
+        from tqdm import tqdm
+        for _ in tqdm(s, total=params.max_tokens, unit="tok", file=sys.stderr, leave=False, disable=None):
+            pass
+        sys.stdout.write(s.result.text)
+    else:
+        for d in s:
+            sys.stdout.write(d.text)
+            sys.stdout.flush()
+    res = s.result
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    _print_logprobs(tokenizer, res.logprobs)
+    stats = getattr(res, "spec_stats", None)
+    if stats is not None:
+        extra = (f"; speculative ({'draft' if args.draft_checkpoint else 'prompt lookup'}): "
+                 f"{stats.acceptance_rate:.0%} of proposed tokens accepted, {stats.tokens_per_step:.2f} tokens/step")
+    why = res.finish_reason if res.stop_reason is None else f"{res.finish_reason} ({res.stop_reason!r})"
+    return _summary(len(res.token_ids), t0, f"finish: {why}{extra}")
+
+
+def _summary(n_tokens: int, t0: float, what: str) -> int:
+    dt = time.perf_counter() - t0
+    print(f"[{n_tokens} tokens in {dt:.2f}s, {n_tokens / max(dt, 1e-9):.1f} tok/s; {what}]", file=sys.stderr)
+    return 0
+
+
+__all__ = ["cmd_generate", "LmforgeError"]

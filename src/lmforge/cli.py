@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max_seq_len)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=None, help="estimate from about N tokens in windows spread over the split")
+    p.add_argument("--stride", type=int, default=None,
+                   help="sliding window: windows every STRIDE tokens, each target scored once with >= seq_len - "
+                        "STRIDE tokens of context (default: seq_len, no overlap)")
     p.add_argument("--device", default="auto")
 
     # generate

@@ -17,9 +17,11 @@ def cmd_bpb(args) -> int:
     seq_len = args.seq_len or model.config.max_seq_len
     if seq_len > model.config.max_seq_len:
         raise ConfigError(f"{seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}", field="--seq-len")
+    if args.stride is not None and not 0 < args.stride <= seq_len:
+        raise ConfigError(f"must be in 1..{seq_len} (the window length), got {args.stride}", field="--stride")
     with autocast(device, resolve_precision("auto", device)):
         res = evaluate_bpb(model, tokens, token_byte_lengths(tok), seq_len, args.batch_size,
-                           max_tokens=args.max_tokens, progress=True, device=device)
+                           max_tokens=args.max_tokens, progress=True, device=device, stride=args.stride)
     expected = _split_bytes(meta, args.split)
     note = ""
     if args.max_tokens is None and expected is not None and expected != res["bytes"]:

@@ -27,14 +27,14 @@ from lmforge.train.trainer import TrainConfig, train
 class PretrainTask:
     def __init__(self, train_tokens: np.ndarray, val_tokens: np.ndarray, *, seq_len: int, batch_size: int,
                  bos_id: int, token_bytes: np.ndarray, seed: int = 0, mode: str = "random",
-                 eval_tokens: int | None = 65536, eval_batch_size: int = 16, device="cpu",
+                 eval_tokens: int | None = 65536, eval_batch_size: int = 16, device="cpu", eval_stride=None,
                  sample_fn=None, grad_accum: int = 1, progress: bool = True):
         if len(train_tokens) < seq_len + 2:
             raise DataError(f"train split has {len(train_tokens)} tokens, fewer than seq_len+2 = {seq_len + 2}")
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
         self.T, self.B, self.seed, self.mode = seq_len, batch_size, seed, mode
         self.bos_id, self.token_bytes = bos_id, token_bytes
-        self.eval_tokens, self.eval_batch_size = eval_tokens, eval_batch_size
+        self.eval_tokens, self.eval_batch_size, self.eval_stride = eval_tokens, eval_batch_size, eval_stride
         self.device, self.sample_fn, self.grad_accum = torch.device(device), sample_fn, grad_accum
         self.progress = progress
         if mode == "packed":
@@ -81,10 +81,16 @@ class PretrainTask:
         return loss, {"tokens": y.numel()}
 
     def evaluate(self, model, final: bool = False) -> dict:
-        # periodic evals look at the first `eval_tokens` of val; the final one scores the whole split
+        # periodic evals look at `eval_tokens` of val; the final one scores the whole split, also with the sliding
+        # window when eval_stride is set (val_bpb stays the plain number, comparable across runs)
         res = evaluate_bpb(model, self.val_tokens, self.token_bytes, self.T, self.eval_batch_size,
                            max_tokens=None if final else self.eval_tokens, progress=final and self.progress, device=self.device)
-        return {"val_loss": res["loss"], "val_bpb": res["bpb"]}
+        out = {"val_loss": res["loss"], "val_bpb": res["bpb"]}
+        if final and self.eval_stride and self.eval_stride < self.T:
+            slid = evaluate_bpb(model, self.val_tokens, self.token_bytes, self.T, self.eval_batch_size,
+                                progress=self.progress, device=self.device, stride=self.eval_stride)
+            out.update(val_loss_sliding=slid["loss"], val_bpb_sliding=slid["bpb"])
+        return out
 
     def samples(self, model) -> list[str]:
         return self.sample_fn(model) if self.sample_fn else []
@@ -118,6 +124,8 @@ class PretrainConfig:
     mode: Literal["random", "packed"] = "packed"
     eval_tokens: int = 65536             # periodic eval on this many val tokens; the final eval uses all of val
     eval_batch_size: int = 16
+    eval_stride: int | None = None       # final eval also with a sliding window of this stride (every target then
+                                         # sees >= seq_len - stride tokens of context; see eval/bpb.py)
     sample_prompts: list[str] = field(default_factory=list)
     sample_tokens: int = 48
     init_from: str = ""                  # start from this checkpoint's weights
@@ -161,6 +169,7 @@ def run_pretrain(pcfg: PretrainConfig) -> dict:
     task = PretrainTask(train_tokens, val_tokens, seq_len=pcfg.seq_len, batch_size=cfg.batch_size,
                         bos_id=tokenizer.bos_id, token_bytes=token_byte_lengths(tokenizer), seed=cfg.seed,
                         mode=pcfg.mode, eval_tokens=pcfg.eval_tokens, eval_batch_size=pcfg.eval_batch_size,
+                        eval_stride=pcfg.eval_stride,
                         device=device, sample_fn=sample_fn, grad_accum=cfg.grad_accum,
                         progress=cfg.progress)
     n = model.num_params()

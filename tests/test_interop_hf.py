@@ -259,9 +259,6 @@ def greedy_both(ours, tok, hf, vocab, seed=3):
     return res.token_ids, ref[0, 8:].tolist()
 
 
-MEASURED: dict[str, float] = {}
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "mistral"])
 def test_import_matches_transformers(family, tmp_path):
     hf_dir = tmp_path / "hf"
@@ -278,7 +275,6 @@ def test_import_matches_transformers(family, tmp_path):
     assert tok == read_hf_tokenizer(hf_dir) and tok.chat_template == hf_tokenizer(TOKENIZER_STYLE[family])[2]
     assert model.num_params()["total"] == sum(p.numel() for p in hf.parameters())
     diff = max_logit_diff(model, hf, vocab)
-    MEASURED[family] = diff
     print(f"\n{family}: max |logits - transformers| = {diff:.2e}")
     assert diff <= 1e-4
     ours, ref = greedy_both(model, tok, hf, vocab)

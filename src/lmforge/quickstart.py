@@ -160,7 +160,7 @@ def write_report(out: Path, r: dict) -> Path:
               "## Training", "",
               f"{p['step']} steps, {p['tokens']:,} tokens in {p['train_time']:.0f}s of training "
               f"({p['tokens'] / max(p['train_time'], 1e-9):,.0f} tokens/s, {p['precision']} on {p['device']}"
-              + (f", MFU {p['mfu']:.0%}" if isinstance(p.get("mfu"), float) else "") + ").", "",
+              + (f", MFU {p['mfu_avg']:.0%}" if isinstance(p.get("mfu_avg"), float) else "") + ").", "",
               "![loss curve](pretrain/loss.png)", "", "## Samples", ""]
     lines += [f"```\n{s}\n```" for s in r["samples"]]
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---:|"]

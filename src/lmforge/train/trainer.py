@@ -352,8 +352,11 @@ def train(model: torch.nn.Module, task, cfg: TrainConfig, *, model_config: dict,
     save()
     if d.is_main:
         plot_curves(out / "metrics.jsonl", out / "loss.png", title=Path(cfg.out_dir).name)
+    avg = {"tok_per_s_avg": tokens_seen / max(train_time, 1e-9)}   # the whole run (the last window may be one step)
+    if peak:
+        avg["mfu_avg"] = flops_per_token * avg["tok_per_s_avg"] / (peak * d.world_size)
     return {"step": step, "tokens": tokens_seen, "train_time": train_time, "precision": precision,
-            "device": str(device), "world_size": d.world_size, "checkpoint": str(ckpt_dir), **last}
+            "device": str(device), "world_size": d.world_size, "checkpoint": str(ckpt_dir), **last, **avg}
 
 
 def _has_checkpoint(path: Path) -> bool:

@@ -12,12 +12,7 @@ from lmforge.eval.bpb import evaluate_bpb, window_starts
 from lmforge.model import ModelConfig, Transformer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def setup(n=53, V=40, T=8):

@@ -23,12 +23,7 @@ PAD = 12              # the model's vocabulary is padded past the tokenizer's: p
 PROMPTS = ["Answer in JSON:", "Here is the record you asked for.\n", "{"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ TEXT = "In the beginning God created the heaven and the earth. Héllo wörld, �
 PROMPTS = ["In the", "And the earth was without form, and void; and darkness", "d", "你好 wörld"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,7 @@ from lmforge.tokenizer.tokenizer import Tokenizer
 TEXT = "Hello world! héllo wörld. 你好，世界。 Emoji: 🙂🚀👩‍💻 done. "
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds overhead
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,7 @@ from lmforge.tokenizer.tokenizer import Tokenizer
 TEXT = 'In the beginning God created the heaven and the earth. {"name": "Ada", "age": 36} 1 2 3 42\n'
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,7 @@ from gguf.quants import dequantize, quantize  # noqa: E402
 T = gguf.GGMLQuantizationType
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,12 +19,7 @@ from lmforge.tokenizer.bpe import resolve_pattern
 from lmforge.tokenizer.tokenizer import Tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

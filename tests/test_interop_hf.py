@@ -40,12 +40,7 @@ QWEN2_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['con
 TEXTS = HF_TEXTS + ["cafe\u0301 café e\u0301te\u0301 Å Å", "x = [1, 2, 3]\n\n\n    return x  # done\r\n"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,13 +15,7 @@ from lmforge.model import PRESETS, KVCache, ModelConfig, Transformer, get_preset
 from lmforge.model.config import default_d_ff
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # these models are tiny: a second thread only adds synchronisation (6x slower on a busy 2-core machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw) -> ModelConfig:

@@ -6,8 +6,10 @@
 Models: HF LlamaForCausalLM built from a config with random weights (seed 0), imported into lmforge through
 `lmforge.interop.hf` (the same tensors). Prompt: 32 random token ids; 128 new tokens; greedy; fp32; 2 threads.
 Both sides must produce the same tokens (checked: a speed number for a different answer means nothing).
-Timed: whole generate calls, median of --repeats after a warm-up, the two sides interleaved so drift hits both.
-TTFT = time of a 1-token generate (prefill + first token). Batch rows all have 32-token prompts.
+Timed: whole generate calls, median of --repeats after a warm-up, the two sides interleaved call by call so drift
+hits both; the ratio is the median of the per-repeat ratios. TTFT = time of a 1-token generate (prefill + first
+token). Batch rows all have 32-token prompts. --no-fast times lmforge without its decode fast path
+(lmforge.infer.fastpath), i.e. the model's forward per step.
 """
 from __future__ import annotations
 
@@ -55,14 +57,16 @@ def build(size: str):
     return hf, ours
 
 
-def timed(fn, repeats: int):
-    fn()  # warm-up
-    times = []
+def timed(fns, repeats: int):
+    """Run each fn once to warm up, then `repeats` rounds of all fns in turn: [(times, last output)] per fn."""
+    outs = [fn() for fn in fns]
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            outs[i] = fn()
+            times[i].append(time.perf_counter() - t)
+    return list(zip(times, outs))
 
 
 def main():
@@ -71,6 +75,7 @@ def main():
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-fast", action="store_true", help="lmforge without its decode fast path (before/after)")
     args = ap.parse_args()
     try:
         import transformers  # noqa: F401
@@ -86,7 +91,7 @@ def main():
         hf, ours = build(size)
         n_params = sum(p.numel() for p in hf.parameters())
         V = SIZES[size]["vocab_size"]
-        engine = Engine(ours, IdTokenizer(V))
+        engine = Engine(ours, IdTokenizer(V), fast_path=not args.no_fast)
         g = torch.Generator().manual_seed(1)
         for B in args.batches:
             prompts = torch.randint(0, V, (B, PROMPT_LEN), generator=g)
@@ -101,24 +106,26 @@ def main():
                 res = engine.generate(prompts.tolist(), SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
                 return [r[0].token_ids for r in res]
 
-            t_hf, out_hf = timed(run_hf, args.repeats)
-            t_us, out_us = timed(run_ours, args.repeats)
+            (ts_hf, out_hf), (ts_us, out_us) = timed([run_hf, run_ours], args.repeats)
             same = sum(a == b for a, b in zip(out_hf, out_us))
-            ttft_hf, _ = timed(lambda: run_hf(1), args.repeats)
-            ttft_us, _ = timed(lambda: run_ours(1), args.repeats)
-            rows.append((size, n_params, B, B * NEW_TOKENS / t_hf, B * NEW_TOKENS / t_us, ttft_hf, ttft_us, same))
+            (tt_hf, _), (tt_us, _) = timed([lambda: run_hf(1), lambda: run_ours(1)], args.repeats)
+            t_hf, t_us = statistics.median(ts_hf), statistics.median(ts_us)
+            ratios = sorted(a / b for a, b in zip(ts_hf, ts_us))
+            ttft_hf, ttft_us = statistics.median(tt_hf), statistics.median(tt_us)
+            rows.append((size, n_params, B, B * NEW_TOKENS / t_hf, B * NEW_TOKENS / t_us, ttft_hf, ttft_us, same,
+                         statistics.median(ratios), ratios[0], ratios[-1]))
             r = rows[-1]
             print(f"{size} ({n_params / 1e6:.1f}M) batch {B:>2}: transformers {r[3]:8.1f} tok/s, lmforge {r[4]:8.1f} "
-                  f"tok/s  ({r[4] / r[3]:.2f}x); TTFT {ttft_hf * 1e3:.1f} vs {ttft_us * 1e3:.1f} ms; "
-                  f"identical greedy rows {same}/{B}", flush=True)
+                  f"tok/s  ({r[8]:.2f}x, range {r[9]:.2f}-{r[10]:.2f}); TTFT {ttft_hf * 1e3:.1f} vs "
+                  f"{ttft_us * 1e3:.1f} ms; identical greedy rows {same}/{B}", flush=True)
 
     print(f"\nfp32, {args.threads} threads, prompt {PROMPT_LEN}, {NEW_TOKENS} new tokens, greedy, median of "
-          f"{args.repeats}")
+          f"{args.repeats}{', lmforge WITHOUT the decode fast path' if args.no_fast else ''}")
     print(f"{'model':>6} {'batch':>5} {'HF tok/s':>9} {'lmforge tok/s':>13} {'HF TTFT ms':>10} "
           f"{'lmforge TTFT ms':>15} {'same':>5} {'ratio':>6}")
-    for size, _, B, hf_tps, us_tps, ttft_hf, ttft_us, same in rows:
+    for size, _, B, hf_tps, us_tps, ttft_hf, ttft_us, same, ratio, _, _ in rows:
         print(f"{size:>6} {B:>5} {hf_tps:9.1f} {us_tps:13.1f} {ttft_hf * 1e3:10.1f} {ttft_us * 1e3:15.1f} "
-              f"{same:>2}/{B:<2} {us_tps / hf_tps:5.2f}x")
+              f"{same:>2}/{B:<2} {ratio:5.2f}x")
     if any(r[7] != r[2] for r in rows):
         print("WARNING: some greedy outputs differ between transformers and lmforge", file=sys.stderr)
 

@@ -130,9 +130,20 @@ def inference_linear(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) 
     The combined weight is cached on `owner` and rebuilt when a source tensor changed (an optimizer step bumps its
     version), so sampling between training steps stays correct. Training uses the modules themselves."""
     transposed = getattr(owner, "transposed_weights", False)
+    if len(names) == 1 and not transposed:
+        return getattr(owner, names[0])(x)
+    w, b = inference_weight(owner, names)
+    if not transposed:
+        return F.linear(x, w, b)
+    y = x @ w
+    return y + b if b is not None else y
+
+
+def inference_weight(owner: nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The cached combined (weight, bias) inference_linear uses: (in, out) if `owner.transposed_weights`, else
+    (out, in). Shared with lmforge.infer.fastpath so the decode fast path holds no second copy."""
+    transposed = getattr(owner, "transposed_weights", False)
     mods = [getattr(owner, n) for n in names]
-    if len(mods) == 1 and not transposed:
-        return mods[0](x)
     key = (transposed,) + tuple((m.weight.data_ptr(), m.weight._version, m.weight.dtype, m.weight.device)
                                 for m in mods)
     cache = owner.__dict__.setdefault("_infer_w", {})
@@ -141,11 +152,7 @@ def inference_linear(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) 
         w = torch.cat([m.weight for m in mods]) if len(mods) > 1 else mods[0].weight
         b = torch.cat([m.bias for m in mods]) if mods[0].bias is not None else None
         cached = cache[names] = (key, w.t().contiguous() if transposed else w, b)
-    _, w, b = cached
-    if not transposed:
-        return F.linear(x, w, b)
-    y = x @ w
-    return y + b if b is not None else y
+    return cached[1], cached[2]
 
 
 class RMSNorm(nn.Module):

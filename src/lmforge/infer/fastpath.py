@@ -1,0 +1,165 @@
+"""A lean decode step for Llama-style models: the same math as `Transformer.forward` with T=1, in ~17 tensor ops
+per layer instead of ~40.
+
+    dec = FastDecoder(model)                  # cheap: reuses the model's cached inference weights
+    logits = dec.step(tokens, cache)          # tokens (B, 1) -> logits (B, V); writes slot cache.pos, advances it
+    logits = dec.step(tokens, cache, attn_mask=pad)   # left-padded rows: pad (B, cache.pos + 1), True = real
+
+Why: at batch 1 on CPU a small model's decode step is dominated by per-op dispatch (each aten call costs a few
+microseconds), not by FLOPs, and a larger model's step is bound by reading the weights once, plus that overhead.
+So the step keeps the residual stream 2-D (B, D) and spends as few ops as it can:
+  - RMSNorm is a vector norm and 4 cheap elementwise ops (see _rms_norm);
+  - q/k/v (and gate/up) are one matmul each, on the model's cached (in, out) weights (`inference_weight`);
+  - RoPE for the single new position rotates q, k AND v in 3 ops: x * COS + x[..., perm] * SIN, where
+    x[..., perm] swaps the two halves of each head (rotate_half up to sign) and the sign, the attention scale
+    1/sqrt(hd) (folded into q) and "no rotation" for v (COS=1, SIN=0) live in COS/SIN, built once per step
+    and shared by every layer;
+  - the rotated k and v are written into the cache with one copy each;
+  - attention is one SDPA call (grouped-query heads without copies);
+  - the residual adds ride on the output matmuls: x = addmm(x, y, W_o) and x = addmm(x, h, W_down).
+No Python objects are touched per layer beyond a tuple of prepacked tensors.
+
+Supported (`supports(cfg)`): RoPE, RMSNorm, SwiGLU, no biases, no qk-norm — Llama/Mistral-style configs; fp32
+weights outside autocast. Anything else stays on the module path. The weights are looked up from the model's
+inference cache when the decoder is built (it is rebuilt for every engine run, so training in between is seen).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+import torch.nn as nn
+
+from lmforge.model.transformer import _SDPA_GQA, Attention, Block, FeedForward, KVCache, RMSNorm, Transformer, \
+    inference_weight
+
+
+def supports(cfg) -> bool:
+    """Whether FastDecoder computes exactly what Transformer.forward does for this config."""
+    return (cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.ffn == "swiglu" and cfg.final_norm
+            and not (cfg.bias or cfg.qkv_bias or cfg.qk_norm) and (_SDPA_GQA or cfg.n_kv_heads == cfg.n_head))
+
+
+def usable(model) -> bool:
+    """supports(model.config), fp32 weights, no autocast (it would change the matmul precision), and the stock
+    modules (a wrapped projection, e.g. an adapter, has its own forward the fast path would skip)."""
+    if type(model) is not Transformer or not supports(model.config):
+        return False
+    w = model.tok_emb.weight
+    if w.dtype != torch.float32 or torch.is_autocast_enabled(w.device.type) or type(model.norm) is not RMSNorm:
+        return False
+    for blk in model.blocks:
+        if not (type(blk) is Block and type(blk.attn) is Attention and type(blk.ffn) is FeedForward
+                and type(blk.attn_norm) is RMSNorm and type(blk.ffn_norm) is RMSNorm):
+            return False
+        mods = [getattr(blk.attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        mods += [getattr(blk.ffn, n) for n in ("gate_proj", "up_proj", "down_proj")]
+        if any(type(m) is not nn.Linear or m.weight.dtype != torch.float32 for m in mods):
+            return False
+    return type(model.lm_head) is nn.Linear
+
+
+class FastDecoder:
+    """Decode steps (T=1) for a `Transformer` whose config `supports`. Build it under no_grad/inference_mode
+    (the engine does) right before decoding; rebuild it after the model's weights change."""
+
+    def __init__(self, model):
+        cfg = model.config
+        if not supports(cfg):
+            raise ValueError("FastDecoder needs a RoPE + RMSNorm + SwiGLU config without biases or qk-norm")
+        self.cfg = cfg
+        self.H, self.Hkv, self.hd = cfg.n_head, cfg.n_kv_heads, cfg.head_dim
+        self.emb = model.tok_emb.weight
+        self.inv_freq = model._rope_inv_freq(self.emb.device)
+
+        def mat(owner, names):  # the (in, out) operand of x @ W, a view when the model keeps (out, in)
+            w, _ = inference_weight(owner, names)
+            return w if getattr(owner, "transposed_weights", False) else w.t()
+
+        self.layers = [(blk.attn_norm.weight, mat(blk.attn, ("q_proj", "k_proj", "v_proj")),
+                        mat(blk.attn, ("o_proj",)), blk.ffn_norm.weight, mat(blk.ffn, ("gate_proj", "up_proj")),
+                        mat(blk.ffn, ("down_proj",))) for blk in model.blocks]
+        self.norm_w = model.norm.weight
+        self.head = mat(model, ("lm_head",))
+        hd, half = self.hd, self.hd // 2
+        dev = self.emb.device
+        # rotate_half(x) = cat(-x2, x1) = x[..., perm] * sign
+        self.perm = torch.cat([torch.arange(half, hd), torch.arange(half)]).to(dev)
+        self.sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(dev)
+        self._eps = torch.full((1,), cfg.norm_eps, device=dev)   # eps + n*n/D in one addcmul
+        self._inv_d = 1.0 / cfg.d_model
+
+    def _rope(self, pos: torch.Tensor | int, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """COS, SIN of shape (B|1, H + 2*Hkv, hd) for the step's positions: q heads also carry 1/sqrt(hd),
+        v heads get (1, 0) (left as they are)."""
+        H, Hkv, hd = self.H, self.Hkv, self.hd
+        if isinstance(pos, int):
+            pos = torch.tensor([pos], device=self.emb.device)
+        freqs = pos.float()[:, None] * self.inv_freq            # (B|1, hd/2), fp32 as rope_cos_sin
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos(), emb.sin() * self.sign
+        n = cos.size(0)
+        scale = 1.0 / math.sqrt(hd)
+        COS = torch.cat([(cos * scale)[:, None].expand(n, H, hd), cos[:, None].expand(n, Hkv, hd),
+                         cos.new_ones(n, Hkv, hd)], dim=1)
+        SIN = torch.cat([(sin * scale)[:, None].expand(n, H, hd), sin[:, None].expand(n, Hkv, hd),
+                         sin.new_zeros(n, Hkv, hd)], dim=1)
+        return COS, SIN
+
+    def step(self, tokens: torch.Tensor, cache: KVCache, attn_mask: torch.Tensor | None = None,
+             position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """One new token per row: tokens (B, 1) -> logits (B, V) for it. Writes cache slot `cache.pos` in every
+        layer and advances cache.pos. attn_mask: optional (B, cache.pos + 1) padding mask (True = real token),
+        as Transformer.forward takes it; positions then count real tokens (or pass position_ids (B, 1))."""
+        H, Hkv, hd = self.H, self.Hkv, self.hd
+        B = tokens.size(0)
+        pos = cache.pos
+        S = pos + 1
+        if S > cache.max_len:
+            raise ValueError(f"KV cache is full: {pos} + 1 tokens > max_len {cache.max_len}")
+        mask = None
+        if attn_mask is not None:
+            if attn_mask.shape != (B, S):
+                raise ValueError(f"attn_mask has shape {tuple(attn_mask.shape)}, expected {(B, S)}")
+            pad = attn_mask.bool()
+            mask = pad[:, None, None, :]                           # the new token is real: it sees itself
+            if position_ids is None:
+                position_ids = pad.sum(-1) - 1
+        if position_ids is not None:
+            COS, SIN = self._rope(position_ids.reshape(B), B)
+        else:
+            COS, SIN = self._rope(pos, B)
+        # positions must stay below max_seq_len (padding slots take cache room but no position)
+        if S > self.cfg.max_seq_len and (position_ids is None or int(position_ids.max()) >= self.cfg.max_seq_len):
+            raise ValueError(f"sequence exceeds max_seq_len {self.cfg.max_seq_len}")
+
+        D = self.emb.size(1)
+        k_slot, v_slot = cache.k[:, :, :, pos], cache.v[:, :, :, pos]   # (L, B, Hkv, hd) views: this step's slot
+        keys, values = cache.k[:, :, :, :S].unbind(0), cache.v[:, :, :, :S].unbind(0)
+        k_slot, v_slot = k_slot.unbind(0), v_slot.unbind(0)
+        x = F.embedding(tokens.reshape(B), self.emb)              # (B, D)
+        perm, rms = self.perm, self._rms_norm
+        for i, (n1, w_qkv, w_o, n2, w_gu, w_down) in enumerate(self.layers):
+            qkv = (rms(x, n1) @ w_qkv).view(B, H + 2 * Hkv, hd)
+            qkv = torch.addcmul(qkv * COS, qkv.index_select(-1, perm), SIN)   # RoPE on q, k (+ q scale)
+            q, k, v = qkv.split([H, Hkv, Hkv], dim=1)
+            k_slot[i].copy_(k)
+            v_slot[i].copy_(v)
+            y = F.scaled_dot_product_attention(q.unsqueeze(2), keys[i], values[i], attn_mask=mask, scale=1.0,
+                                               enable_gqa=Hkv != H)
+            x = torch.addmm(x, y.view(B, H * hd), w_o)
+            gate, up = (rms(x, n2) @ w_gu).chunk(2, dim=-1)
+            x = torch.addmm(x, F.silu(gate) * up, w_down)
+        cache.pos = S
+        return rms(x, self.norm_w) @ self.head
+
+    def _rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x * rsqrt(mean(x^2) + eps) * w for 2-D fp32 x in 5 cheap ops: a vector norm is one fast reduction
+        (mean() and the fused F.rms_norm cost several times more per call on CPU at this size)."""
+        n = torch.linalg.vector_norm(x, 2, -1, keepdim=True)
+        return torch.mul(x, torch.addcmul(self._eps, n, n, value=self._inv_d).rsqrt_()).mul_(w)
+
+
+__all__ = ["FastDecoder", "supports", "usable"]

@@ -1,0 +1,157 @@
+"""The decode fast path (lmforge.infer.fastpath): the same logits as the model's forward step by step (GQA and
+MHA, tied and untied heads, left-padded batches with the engine's masks), the same greedy tokens through the
+engine, weight updates picked up, unsupported models left on the module path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.infer import fastpath
+from lmforge.infer.engine import Engine
+from lmforge.infer.fastpath import FastDecoder, supports, usable
+from lmforge.infer.sampling import SamplingParams
+from lmforge.model import ModelConfig, Transformer
+from lmforge.tokenizer.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXT = "In the beginning God created the heaven and the earth. And the earth was without form, and void.\n"
+PROMPTS = ["In the", "And the earth was without form, and void; and darkness", "d", "the heaven"]
+
+
+def llama(seed=0, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=300, n_layer=2, n_head=4, n_kv_heads=2, d_model=32, max_seq_len=64, init_std=0.3,
+               tie_embeddings=False)
+    cfg.update(kw)
+    return Transformer(ModelConfig(**cfg)).eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train([TEXT * 30], vocab_size=272 + 40, progress=False)
+
+
+def left_padded(lens, vocab, seed=0):
+    """Token ids (B, L) left-padded to the longest row, and the engine's (B, L) padding mask."""
+    g = torch.Generator().manual_seed(seed)
+    L = max(lens)
+    ids = torch.zeros(len(lens), L, dtype=torch.long)
+    mask = torch.zeros(len(lens), L, dtype=torch.bool)
+    for i, n in enumerate(lens):
+        ids[i, L - n:] = torch.randint(0, vocab, (n,), generator=g)
+        mask[i, L - n:] = True
+    return ids, mask
+
+
+@pytest.mark.parametrize("n_kv_heads,tie", [(2, False), (4, True), (1, False)])
+@pytest.mark.parametrize("transposed", [True, False])
+@pytest.mark.parametrize("lens", [[7], [5, 9, 2], [6, 6]])
+def test_steps_match_the_module_path(n_kv_heads, tie, transposed, lens):
+    """Prefill with the model, then 6 decode steps twice over: model(...) and FastDecoder.step on copies of the
+    same cache, feeding the same tokens; logits and cache contents must agree."""
+    model = llama(n_kv_heads=n_kv_heads, tie_embeddings=tie)
+    model.use_transposed_weights(transposed)
+    V, steps = model.config.vocab_size, 6
+    ids, mask = left_padded(lens, V)
+    B, L = ids.shape
+    padded = not bool(mask.all())
+    full = torch.cat([mask, torch.ones(B, steps, dtype=torch.bool)], dim=1)   # generated tokens are real
+    with torch.inference_mode():
+        ref_cache = model.new_kv_cache(B, L + steps)
+        logits, _ = model(ids, kv_cache=ref_cache, logits_to_keep=1, **({"attn_mask": mask} if padded else {}))
+        cache = model.new_kv_cache(B, L + steps)
+        cache.k.copy_(ref_cache.k), cache.v.copy_(ref_cache.v)
+        cache.pos = ref_cache.pos
+        dec = FastDecoder(model)
+        g = torch.Generator().manual_seed(1)
+        for t in range(steps):
+            toks = torch.randint(0, V, (B, 1), generator=g)   # not argmax: every step sees new tokens
+            S = L + t + 1
+            m = full[:, :S] if padded else None
+            ref, _ = model(toks, kv_cache=ref_cache, logits_to_keep=1, **({"attn_mask": m} if padded else {}))
+            got = dec.step(toks, cache, m)
+            assert got.shape == (B, V) and cache.pos == ref_cache.pos == S
+            torch.testing.assert_close(got, ref[:, -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache.k, ref_cache.k, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache.v, ref_cache.v, atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_position_ids_and_a_full_cache():
+    model = llama()
+    with torch.inference_mode():
+        ref_cache, cache = model.new_kv_cache(1, 4), model.new_kv_cache(1, 4)
+        model(torch.tensor([[1, 2, 3]]), kv_cache=ref_cache)
+        model(torch.tensor([[1, 2, 3]]), kv_cache=cache)
+        pos = torch.tensor([[7]])                 # e.g. a caller that numbers positions itself
+        ref, _ = model(torch.tensor([[4]]), kv_cache=ref_cache, position_ids=pos)
+        got = FastDecoder(model).step(torch.tensor([[4]]), cache, position_ids=pos)
+        torch.testing.assert_close(got, ref[:, -1], atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="full"):
+            FastDecoder(model).step(torch.tensor([[4]]), cache)
+
+
+def count_steps(monkeypatch) -> list[int]:
+    calls = []
+    orig = FastDecoder.step
+
+    def step(self, tokens, *a, **kw):
+        calls.append(tokens.size(0))
+        return orig(self, tokens, *a, **kw)
+    monkeypatch.setattr(FastDecoder, "step", step)
+    return calls
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_engine_greedy_is_the_same_with_and_without_the_fast_path(tok, monkeypatch, tie):
+    model = llama(vocab_size=tok.vocab_size + 5, tie_embeddings=tie)
+    # different prompt lengths (padding masks), n=2 (fan-out), rows ending at different steps (the batch shrinks)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, n=n) for m, n in ((12, 1), (5, 2),
+                                                                                              (20, 1), (9, 2))]
+    slow = Engine(model, tok, fast_path=False).generate(PROMPTS, params)
+    calls = count_steps(monkeypatch)
+    fast = Engine(model, tok).generate(PROMPTS, params)
+    assert calls and max(calls) == 6 and min(calls) == 1          # the fast path really ran, on a shrinking batch
+    assert [[c.token_ids for c in r] for r in fast] == [[c.token_ids for c in r] for r in slow]
+    assert [[c.text for c in r] for r in fast] == [[c.text for c in r] for r in slow]
+
+
+def test_weight_updates_are_picked_up(tok):
+    """An optimizer step between two runs of the same engine: the second run decodes with the new weights."""
+    model = llama(vocab_size=tok.vocab_size + 5)
+    params = SamplingParams(temperature=0, max_tokens=15, ignore_eos=True)
+    engine, slow = Engine(model, tok), Engine(model, tok, fast_path=False)
+    before = engine.generate(PROMPTS, params)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    ids = torch.randint(0, tok.vocab_size, (2, 12))
+    _, loss = model(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    opt.step()
+    model.eval()
+    after, ref = engine.generate(PROMPTS, params), slow.generate(PROMPTS, params)
+    assert [r[0].token_ids for r in after] == [r[0].token_ids for r in ref]
+    assert [r[0].token_ids for r in after] != [r[0].token_ids for r in before]
+
+
+def test_unsupported_models_stay_on_the_module_path(tok, monkeypatch):
+    gpt2 = dict(pos="learned", norm="layernorm", ffn="gelu", bias=True, tie_embeddings=True)
+    assert supports(llama().config) and not supports(llama(**gpt2).config)
+    assert not supports(llama(qk_norm=True).config) and not supports(llama(qkv_bias=True).config)
+    assert not supports(llama(ffn="relu2").config)
+    model = llama(vocab_size=tok.vocab_size + 5)
+    assert usable(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not usable(model)                 # bf16 autocast: the module path (its matmul precision)
+    assert not usable(llama().to(torch.bfloat16))
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    calls = count_steps(monkeypatch)
+    g = llama(vocab_size=tok.vocab_size + 5, **gpt2)
+    assert not usable(g)
+    res = Engine(g, tok).generate(PROMPTS[:2], params)
+    assert calls == [] and all(len(r[0].token_ids) == 4 for r in res)
+    Engine(model, tok, precision="bf16").generate(PROMPTS[:2], params)
+    assert calls == []
+    with pytest.raises(ValueError, match="RoPE"):
+        FastDecoder(g)
+    assert fastpath.__all__ == ["FastDecoder", "supports", "usable"]

@@ -10,10 +10,10 @@ microseconds), not by FLOPs, and a larger model's step is bound by reading the w
 So the step keeps the residual stream 2-D (B, D) and spends as few ops as it can:
   - RMSNorm is a vector norm and 4 cheap elementwise ops (see _rms_norm);
   - q/k/v (and gate/up) are one matmul each, on the model's cached (in, out) weights (`inference_weight`);
-  - RoPE for the single new position rotates q, k AND v in 3 ops: x * COS + x[..., perm] * SIN, where
-    x[..., perm] swaps the two halves of each head (rotate_half up to sign) and the sign, the attention scale
-    1/sqrt(hd) (folded into q) and "no rotation" for v (COS=1, SIN=0) live in COS/SIN, built once per step
-    and shared by every layer;
+  - RoPE for the single new position rotates q, k AND v in 3 ops: x * COS + flip(x) * SIN, where flip swaps
+    the two halves of each head (rotate_half up to sign) and the sign, the attention scale 1/sqrt(hd)
+    (folded into q) and "no rotation" for v (COS=1, SIN=0) live in COS/SIN, built once per step from a
+    cos/sin table and shared by every layer;
   - the rotated k and v are written into the cache with one copy each;
   - attention is one SDPA call (grouped-query heads without copies);
   - the residual adds ride on the output matmuls: x = addmm(x, y, W_o) and x = addmm(x, h, W_down).
@@ -83,30 +83,33 @@ class FastDecoder:
                         mat(blk.ffn, ("down_proj",))) for blk in model.blocks]
         self.norm_w = model.norm.weight
         self.head = mat(model, ("lm_head",))
-        hd, half = self.hd, self.hd // 2
+        H, Hkv, hd = self.H, self.Hkv, self.hd
         dev = self.emb.device
-        # rotate_half(x) = cat(-x2, x1) = x[..., perm] * sign
-        self.perm = torch.cat([torch.arange(half, hd), torch.arange(half)]).to(dev)
-        self.sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(dev)
+        # COS = cos * w + v1 and SIN = sin * sign * w per head, with w = 1/sqrt(hd) on q heads (the attention
+        # scale, folded in), 1 on k heads and 0 on v heads, and v1 = 1 on v heads only (v passes unrotated)
+        w = torch.tensor([1.0 / math.sqrt(hd)] * H + [1.0] * Hkv + [0.0] * Hkv, device=dev)[:, None]
+        self._head_w = w
+        self._v_one = (w == 0).float().expand(-1, hd).contiguous()
+        self._cos = self._sin = self.emb.new_empty(0, hd)   # per-position cos / sign*sin rows, grown on demand
         self._eps = torch.full((1,), cfg.norm_eps, device=dev)   # eps + n*n/D in one addcmul
         self._inv_d = 1.0 / cfg.d_model
 
-    def _rope(self, pos: torch.Tensor | int, B: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """COS, SIN of shape (B|1, H + 2*Hkv, hd) for the step's positions: q heads also carry 1/sqrt(hd),
-        v heads get (1, 0) (left as they are)."""
-        H, Hkv, hd = self.H, self.Hkv, self.hd
+    def _rope(self, pos: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """COS, SIN of shape (NH, hd) (one position) or (B, NH, hd) for the positions `pos` (NH = H + 2 Hkv)."""
+        top = (pos if isinstance(pos, int) else int(pos.max())) + 1
+        if top > self._cos.size(0):
+            # a table of cos/sin rows, computed as rope_cos_sin does (fp32); rotate_half's sign goes into sin
+            n = min(max(2 * top, 256), self.cfg.max_seq_len) if top <= self.cfg.max_seq_len else top
+            freqs = torch.arange(n, device=self.emb.device).float()[:, None] * self.inv_freq
+            emb = torch.cat([freqs, freqs], dim=-1)
+            half = self.hd // 2
+            sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(emb.device)
+            self._cos, self._sin = emb.cos(), emb.sin() * sign
         if isinstance(pos, int):
-            pos = torch.tensor([pos], device=self.emb.device)
-        freqs = pos.float()[:, None] * self.inv_freq            # (B|1, hd/2), fp32 as rope_cos_sin
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos(), emb.sin() * self.sign
-        n = cos.size(0)
-        scale = 1.0 / math.sqrt(hd)
-        COS = torch.cat([(cos * scale)[:, None].expand(n, H, hd), cos[:, None].expand(n, Hkv, hd),
-                         cos.new_ones(n, Hkv, hd)], dim=1)
-        SIN = torch.cat([(sin * scale)[:, None].expand(n, H, hd), sin[:, None].expand(n, Hkv, hd),
-                         sin.new_zeros(n, Hkv, hd)], dim=1)
-        return COS, SIN
+            cos, sin = self._cos[pos], self._sin[pos]
+        else:
+            cos, sin = self._cos.index_select(0, pos).unsqueeze(1), self._sin.index_select(0, pos).unsqueeze(1)
+        return torch.addcmul(self._v_one, cos, self._head_w), sin * self._head_w
 
     def step(self, tokens: torch.Tensor, cache: KVCache, attn_mask: torch.Tensor | None = None,
              position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -128,9 +131,9 @@ class FastDecoder:
             if position_ids is None:
                 position_ids = pad.sum(-1) - 1
         if position_ids is not None:
-            COS, SIN = self._rope(position_ids.reshape(B), B)
+            COS, SIN = self._rope(position_ids.reshape(B))
         else:
-            COS, SIN = self._rope(pos, B)
+            COS, SIN = self._rope(pos)
         # positions must stay below max_seq_len (padding slots take cache room but no position)
         if S > self.cfg.max_seq_len and (position_ids is None or int(position_ids.max()) >= self.cfg.max_seq_len):
             raise ValueError(f"sequence exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -140,11 +143,12 @@ class FastDecoder:
         keys, values = cache.k[:, :, :, :S].unbind(0), cache.v[:, :, :, :S].unbind(0)
         k_slot, v_slot = k_slot.unbind(0), v_slot.unbind(0)
         x = F.embedding(tokens.reshape(B), self.emb)              # (B, D)
-        perm, rms = self.perm, self._rms_norm
+        rms, NH, half = self._rms_norm, H + 2 * Hkv, hd // 2
         for i, (n1, w_qkv, w_o, n2, w_gu, w_down) in enumerate(self.layers):
-            qkv = (rms(x, n1) @ w_qkv).view(B, H + 2 * Hkv, hd)
-            qkv = torch.addcmul(qkv * COS, qkv.index_select(-1, perm), SIN)   # RoPE on q, k (+ q scale)
-            q, k, v = qkv.split([H, Hkv, Hkv], dim=1)
+            qkv = (rms(x, n1) @ w_qkv).view(B, NH, hd)
+            # RoPE on q and k (+ the q scale): x * COS + [x2, x1] * SIN, the halves swapped by one flip
+            qkv = torch.addcmul(qkv * COS, qkv.view(B, NH, 2, half).flip(2).view(B, NH, hd), SIN)
+            q, k, v = qkv.split_with_sizes([H, Hkv, Hkv], dim=1)
             k_slot[i].copy_(k)
             v_slot[i].copy_(v)
             y = F.scaled_dot_product_attention(q.unsqueeze(2), keys[i], values[i], attn_mask=mask, scale=1.0,

@@ -169,7 +169,8 @@ class Engine:
                 last = logits[:, -1, :].index_select(0, src)
                 live = list(rows)
                 # built per run from the model's current weights (so training in between is picked up)
-                fast = FastDecoder(model) if self.fast_path and fastpath_usable(model) else None
+                # (CPU only: that is where it is measured and tested)
+                fast = FastDecoder(model) if self.fast_path and dev.type == "cpu" and fastpath_usable(model) else None
                 while True:
                     toks, events = self._step(last, live)
                     for r, ev in zip(live, events):

@@ -6,6 +6,9 @@ Bugs stay ordinary exceptions so they keep their traceback.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 
 class LmforgeError(Exception):
     """An error the user can fix. `where` says which file/line/field it is about."""
@@ -42,3 +45,22 @@ class DataError(LmforgeError):
 
 class CheckpointError(LmforgeError):
     """A missing or unreadable checkpoint / tokenizer directory."""
+
+
+def read_json_object(path, missing: str = "file not found") -> dict:
+    """The JSON object in `path`, or a CheckpointError naming the file (and line) for a missing, unreadable or
+    malformed file; `missing` is the message when the file does not exist."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(missing, file=str(path)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read: {e}", file=str(path)) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"invalid JSON: {e.msg}", file=str(path), line=e.lineno) from None
+    if not isinstance(data, dict):
+        raise CheckpointError("expected a JSON object", file=str(path), line=1)
+    return data

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.errors import CheckpointError, ConfigError
+from lmforge.errors import CheckpointError, ConfigError, read_json_object
 from lmforge.model.config import ROPE_SCALING_KEYS, ModelConfig
 
 # our family name -> the transformers class that loads it
@@ -375,15 +375,9 @@ def read_hf_config(directory: str | Path) -> tuple[dict, str]:
     f = Path(directory) / "config.json"
     if not Path(directory).is_dir():
         raise CheckpointError("directory not found", file=str(directory))
-    try:
-        hc = json.loads(f.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError("no config.json: not a Hugging Face model directory", file=str(directory)) from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"invalid JSON: {e.msg}", file=str(f), line=e.lineno) from None
-    if not isinstance(hc, dict):
-        raise CheckpointError("expected a JSON object", file=str(f))
-    return hc, str(f)
+    if not f.is_file():
+        raise CheckpointError("no config.json: not a Hugging Face model directory", file=str(directory))
+    return read_json_object(f), str(f)
 
 
 def load_hf(source: str | Path, device: str | torch.device = "cpu", dtype=torch.float32, progress: bool = True):

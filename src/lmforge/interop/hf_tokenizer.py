@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lmforge.errors import CheckpointError, ConfigError, LmforgeError
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError, read_json_object
 from lmforge.tokenizer.bpe import GPT2_PATTERN
 from lmforge.tokenizer.tokenizer import NORMALIZERS, Tokenizer, _bytes_to_unicode
 
@@ -37,7 +37,7 @@ def read_hf_tokenizer(directory: str | Path) -> Tokenizer:
     if not path.is_file():
         hint = " (a SentencePiece tokenizer.model is not supported)" if (d / "tokenizer.model").is_file() else ""
         raise CheckpointError(f"no tokenizer.json{hint}; supported: {SUPPORTED}", file=str(d))
-    tj = _json(path)
+    tj = read_json_object(path)
     file = str(path)
 
     model = tj.get("model") or {}
@@ -79,25 +79,13 @@ def read_hf_tokenizer(directory: str | Path) -> Tokenizer:
         a, b = m.split(" ") if isinstance(m, str) else m
         merges.append((to_bytes(a), to_bytes(b)))
 
-    config = _json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}
+    config = read_json_object(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}
     roles = _roles(d, config, specials)
     try:
         return Tokenizer.from_vocab(vocab, merges, pattern, specials, normalizer=normalizer,
                                     chat_template=_chat_template(d, config), **roles)
     except (ValueError, LmforgeError) as e:
         raise ConfigError(f"cannot use this tokenizer: {e}", file=file) from None
-
-
-def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError("file not found", file=str(path)) from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"invalid JSON: {e.msg}", file=str(path), line=e.lineno) from None
-    if not isinstance(data, dict):
-        raise CheckpointError("expected a JSON object", file=str(path))
-    return data
 
 
 def _pattern(pre: dict | None, file: str) -> str:
@@ -140,8 +128,8 @@ def _roles(d: Path, config: dict, specials: dict[str, int]) -> dict[str, str | N
     """bos/eos/pad from tokenizer_config.json (an explicit null counts: Qwen2 has no BOS), else
     special_tokens_map.json; eos/pad else from the ids in config.json. BOS never comes from config.json: that id
     is for the model, and a tokenizer that does not declare a BOS does not start prompts with one."""
-    stm = _json(d / "special_tokens_map.json") if (d / "special_tokens_map.json").is_file() else {}
-    model_cfg = _json(d / "config.json") if (d / "config.json").is_file() else {}
+    stm = read_json_object(d / "special_tokens_map.json") if (d / "special_tokens_map.json").is_file() else {}
+    model_cfg = read_json_object(d / "config.json") if (d / "config.json").is_file() else {}
     by_id = {i: s for s, i in specials.items()}
     roles = {}
     for role in ("bos", "eos", "pad"):

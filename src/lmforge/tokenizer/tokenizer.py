@@ -38,7 +38,7 @@ from typing import Iterable, Mapping, Sequence
 import tiktoken
 
 from lmforge import __version__
-from lmforge.errors import CheckpointError, ConfigError, LmforgeError
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError, read_json_object
 
 # ---------------------------------------------------------------------------------------------------------
 # Special tokens. ONE list, in id order (first special id = 256 + n_merges). Later stages import these names
@@ -500,19 +500,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CheckpointError("file not found (not a tokenizer directory?)", file=str(path)) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read: {e}", file=str(path)) from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"invalid JSON: {e.msg}", file=str(path), line=e.lineno) from None
-    if not isinstance(data, dict):
-        raise CheckpointError("expected a JSON object", file=str(path), line=1)
-    return data
+    return read_json_object(path, missing="file not found (not a tokenizer directory?)")
 
 
 def _read_model_file(path: Path, version: int) -> tuple[list[str] | None, list[tuple[int, int]]]:

@@ -462,8 +462,9 @@ class Transformer(nn.Module):
         """Inference on CPU: keep (in, out) copies of the matmul weights (see inference_linear). Costs one more
         copy of those weights in memory; training is unaffected (it uses the parameters)."""
         for m in [self] + [mod for blk in self.blocks for mod in (blk.attn, blk.ffn)]:
-            m.transposed_weights = enabled
-            m.__dict__.pop("_infer_w", None)
+            if getattr(m, "transposed_weights", False) != enabled:  # every Engine calls this: keep built copies
+                m.transposed_weights = enabled
+                m.__dict__.pop("_infer_w", None)
 
     def new_kv_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None,
                      device=None) -> KVCache:

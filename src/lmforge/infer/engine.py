@@ -36,7 +36,7 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.fastpath import FastDecoder
 from lmforge.infer.fastpath import usable as fastpath_usable
 from lmforge.infer.generate import (Delta, Detokenizer, GenerationResult, _autocast, _prepare, _Request, _unwrap,
-                                    end_token_ids)
+                                    end_token_ids, stop_check)
 from lmforge.infer.sampling import SamplingParams, gather_logprobs, log_probs, process_logits, sample
 
 
@@ -235,23 +235,12 @@ class Engine:
     def _advance(r: _Row, tok: int, lp) -> Delta:
         """Append `tok` to row r; decide whether the row ends here (same rules as generate())."""
         r.out.append(tok)
-        check_stop = len(r.out) >= r.req.params.min_tokens
-        finish, reason = None, None
         if r.matcher is not None and tok not in r.ends:
             r.matcher.accept(tok)
-        if tok in r.ends:
-            finish, reason = "stop", tok
-        elif (matched := r.detok.add(tok, check_stop)) is not None:
-            finish, reason = "stop", matched
-        elif r.matcher is not None and r.matcher.is_done():
-            finish = "stop"
-        elif len(r.out) >= r.req.budget:
-            finish = "length"
+        done = r.matcher is not None and r.matcher.is_done()
+        finish, reason = stop_check(r.detok, tok, r.out, r.req, r.ends, grammar_done=done)
         if finish is None:
             return Delta(r.detok.ready(), [tok], lp)
-        if reason is None or isinstance(reason, int):
-            if (matched := r.detok.finish(check_stop)) is not None:
-                finish, reason = "stop", matched
         return Delta(r.detok.ready(final=True), [tok], lp, finish, reason)
 
 

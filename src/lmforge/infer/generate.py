@@ -117,6 +117,28 @@ class Detokenizer:
 # ---------------------------------------------------------------------------------------------------------------
 # the generation loop
 
+def stop_check(detok: Detokenizer, tok: int, out_ids: list[int], req: "_Request", ends,
+               grammar_done: bool = False) -> tuple[str | None, int | str | None]:
+    """Feed `tok` (already appended to out_ids) to the detokenizer and decide whether the sequence ends here:
+    (finish_reason or None, stop_reason). THE stopping rule of every decoding loop: an end/stop token id, then a
+    stop string (not before min_tokens), then a completed grammar, then the budget. On a finish the detokenizer
+    is flushed (a dangling partial character becomes U+FFFD), which may still complete a stop string."""
+    check_stop = len(out_ids) >= req.params.min_tokens
+    finish, reason = None, None
+    if tok in ends:
+        finish, reason = "stop", tok
+    elif (matched := detok.add(tok, check_stop)) is not None:
+        finish, reason = "stop", matched
+    elif grammar_done:
+        finish = "stop"
+    elif len(out_ids) >= req.budget:
+        finish = "length"
+    if finish is not None and (reason is None or isinstance(reason, int)):
+        if (matched := detok.finish(check_stop)) is not None:
+            finish, reason = "stop", matched
+    return finish, reason
+
+
 def end_token_ids(tokenizer) -> list[int]:
     """EOS and BOS (see the module docstring), whichever the tokenizer has."""
     ids = []

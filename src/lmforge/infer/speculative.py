@@ -49,7 +49,7 @@ import torch
 
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.generate import (Delta, Detokenizer, GenerationResult, GenerationStream, _autocast, _prepare,
-                                    _Request, _unwrap)
+                                    _Request, _unwrap, stop_check)
 from lmforge.infer.sampling import SamplingParams, gather_logprobs, log_probs, process_logits, sample
 
 
@@ -259,18 +259,8 @@ def _spec_decode(model, tokenizer, req: _Request, draft_model, lookahead: int, n
                 for i, tok in enumerate(new):
                     out_ids.append(tok)
                     stats.emitted += 1
-                    check_stop = len(out_ids) >= params.min_tokens
-                    finish, reason = None, None
-                    if tok in ends:
-                        finish, reason = "stop", tok
-                    elif (matched := detok.add(tok, check_stop)) is not None:
-                        finish, reason = "stop", matched
-                    elif len(out_ids) >= req.budget:
-                        finish = "length"
+                    finish, reason = stop_check(detok, tok, out_ids, req, ends)
                     if finish is not None:
-                        if reason is None or isinstance(reason, int):
-                            if (matched := detok.finish(check_stop)) is not None:
-                                finish, reason = "stop", matched
                         yield Delta(detok.ready(final=True), new[: i + 1], lps[: i + 1] if lps else lps,
                                     finish, reason)
                         return

@@ -44,12 +44,14 @@ def left_padded(lens, vocab, seed=0):
     return ids, mask
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("n_kv_heads,tie", [(2, False), (4, True), (1, False)])
 @pytest.mark.parametrize("transposed", [True, False])
 @pytest.mark.parametrize("lens", [[7], [5, 9, 2], [6, 6]])
-def test_steps_match_the_module_path(n_kv_heads, tie, transposed, lens):
+def test_steps_match_the_module_path(n_kv_heads, tie, transposed, lens, native):
     """Prefill with the model, then 6 decode steps twice over: model(...) and FastDecoder.step on copies of the
-    same cache, feeding the same tokens; logits and cache contents must agree."""
+    same cache, feeding the same tokens; logits and cache contents must agree. Both step implementations: the
+    C++ one (lmforge.infer.native; this machine has a compiler, so it must build) and the PyTorch one."""
     model = llama(n_kv_heads=n_kv_heads, tie_embeddings=tie)
     model.use_transposed_weights(transposed)
     V, steps = model.config.vocab_size, 6
@@ -63,7 +65,8 @@ def test_steps_match_the_module_path(n_kv_heads, tie, transposed, lens):
         cache = model.new_kv_cache(B, L + steps)
         cache.k.copy_(ref_cache.k), cache.v.copy_(ref_cache.v)
         cache.pos = ref_cache.pos
-        dec = FastDecoder(model)
+        dec = FastDecoder(model, native=native)
+        assert dec.native == native
         g = torch.Generator().manual_seed(1)
         for t in range(steps):
             toks = torch.randint(0, V, (B, 1), generator=g)   # not argmax: every step sees new tokens
@@ -77,7 +80,8 @@ def test_steps_match_the_module_path(n_kv_heads, tie, transposed, lens):
         torch.testing.assert_close(cache.v, ref_cache.v, atol=1e-5, rtol=1e-5)
 
 
-def test_explicit_position_ids_and_a_full_cache():
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_explicit_position_ids_and_a_full_cache(native):
     model = llama()
     with torch.inference_mode():
         ref_cache, cache = model.new_kv_cache(1, 4), model.new_kv_cache(1, 4)
@@ -85,10 +89,52 @@ def test_explicit_position_ids_and_a_full_cache():
         model(torch.tensor([[1, 2, 3]]), kv_cache=cache)
         pos = torch.tensor([[7]])                 # e.g. a caller that numbers positions itself
         ref, _ = model(torch.tensor([[4]]), kv_cache=ref_cache, position_ids=pos)
-        got = FastDecoder(model).step(torch.tensor([[4]]), cache, position_ids=pos)
+        got = FastDecoder(model, native=native).step(torch.tensor([[4]]), cache, position_ids=pos)
         torch.testing.assert_close(got, ref[:, -1], atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="full"):
-            FastDecoder(model).step(torch.tensor([[4]]), cache)
+            FastDecoder(model, native=native).step(torch.tensor([[4]]), cache)
+
+
+def test_native_step_at_larger_sizes_with_two_threads():
+    """Head size 64, 12 query heads on 4 KV heads, 4 rows over ~100 cached slots: big enough that the C++ step
+    splits attention and SiLU across threads (2 here); still the module path's logits."""
+    model = llama(n_layer=2, n_head=12, n_kv_heads=4, d_model=768, max_seq_len=256, init_std=0.02)
+    ids, mask = left_padded([90, 97, 60, 75], model.config.vocab_size, seed=3)
+    B, L = ids.shape
+    full = torch.cat([mask, torch.ones(B, 4, dtype=torch.bool)], dim=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            ref_cache, cache = model.new_kv_cache(B, L + 4), model.new_kv_cache(B, L + 4)
+            model(ids, kv_cache=ref_cache, attn_mask=mask)
+            model(ids, kv_cache=cache, attn_mask=mask)
+            dec = FastDecoder(model, native=True)
+            for t in range(4):
+                toks = torch.randint(0, model.config.vocab_size, (B, 1))
+                m = full[:, :L + t + 1]
+                ref, _ = model(toks, kv_cache=ref_cache, logits_to_keep=1, attn_mask=m)
+                torch.testing.assert_close(dec.step(toks, cache, m), ref[:, -1], atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_native_step_rejects_a_cache_of_the_wrong_shape():
+    model = llama()
+    with torch.inference_mode():
+        dec = FastDecoder(model, native=True)
+        cache = model.new_kv_cache(2, 8)
+        with pytest.raises(RuntimeError, match="KV cache"):
+            dec.step(torch.tensor([[1]]), cache)           # 1 token for a 2-row cache
+
+
+def test_native_off_switch(monkeypatch):
+    monkeypatch.setenv("LMFORGE_NATIVE", "0")
+    model = llama()
+    with torch.inference_mode():
+        assert not FastDecoder(model).native
+        with pytest.raises(RuntimeError, match="LMFORGE_NATIVE"):
+            FastDecoder(model, native=True)
 
 
 def count_steps(monkeypatch) -> list[int]:
@@ -102,8 +148,10 @@ def count_steps(monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.mark.parametrize("native", ["1", "0"], ids=["native", "torch"])
 @pytest.mark.parametrize("tie", [True, False])
-def test_engine_greedy_is_the_same_with_and_without_the_fast_path(tok, monkeypatch, tie):
+def test_engine_greedy_is_the_same_with_and_without_the_fast_path(tok, monkeypatch, tie, native):
+    monkeypatch.setenv("LMFORGE_NATIVE", native)
     model = llama(vocab_size=tok.vocab_size + 5, tie_embeddings=tie)
     # different prompt lengths (padding masks), n=2 (fan-out), rows ending at different steps (the batch shrinks)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, n=n) for m, n in ((12, 1), (5, 2),

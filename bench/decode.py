@@ -9,7 +9,8 @@ Both sides must produce the same tokens (checked: a speed number for a different
 Timed: whole generate calls, median of --repeats after a warm-up, the two sides interleaved call by call so drift
 hits both; the ratio is the median of the per-repeat ratios. TTFT = time of a 1-token generate (prefill + first
 token). Batch rows all have 32-token prompts. --no-fast times lmforge without its decode fast path
-(lmforge.infer.fastpath), i.e. the model's forward per step.
+(lmforge.infer.fastpath), i.e. the model's forward per step; --no-native the PyTorch fast path instead of the C++
+step (lmforge.infer.native).
 """
 from __future__ import annotations
 
@@ -76,7 +77,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-fast", action="store_true", help="lmforge without its decode fast path (before/after)")
+    ap.add_argument("--no-native", action="store_true", help="the PyTorch fast path instead of the C++ step")
     args = ap.parse_args()
+    if args.no_native:
+        import os
+        os.environ["LMFORGE_NATIVE"] = "0"
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -119,8 +124,11 @@ def main():
                   f"tok/s  ({r[8]:.2f}x, range {r[9]:.2f}-{r[10]:.2f}); TTFT {ttft_hf * 1e3:.1f} vs "
                   f"{ttft_us * 1e3:.1f} ms; identical greedy rows {same}/{B}", flush=True)
 
+    from lmforge.infer import native
+    step = ("module forward" if args.no_fast else
+            "native C++ step" if native.load() is not None else f"PyTorch fast path ({native.why_not()})")
     print(f"\nfp32, {args.threads} threads, prompt {PROMPT_LEN}, {NEW_TOKENS} new tokens, greedy, median of "
-          f"{args.repeats}{', lmforge WITHOUT the decode fast path' if args.no_fast else ''}")
+          f"{args.repeats}; lmforge decode step: {step}")
     print(f"{'model':>6} {'batch':>5} {'HF tok/s':>9} {'lmforge tok/s':>13} {'HF TTFT ms':>10} "
           f"{'lmforge TTFT ms':>15} {'same':>5} {'ratio':>6}")
     for size, _, B, hf_tps, us_tps, ttft_hf, ttft_us, same, ratio, _, _ in rows:

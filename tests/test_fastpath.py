@@ -221,3 +221,18 @@ def test_native_argmax_is_torch_argmax():
             assert dec.argmax(x, vocab).tolist() == x[:, :vocab].argmax(-1).tolist()
         wide = torch.randn(3, 600, generator=g)[:, ::1][:, :300]   # rows with stride 600
         assert dec.argmax(wide, 300).tolist() == wide.argmax(-1).tolist()
+
+
+def test_a_stale_build_lock_is_removed(tmp_path):
+    """A build killed mid-compile leaves torch's lock file; later loads would wait on it forever."""
+    import os
+    import time
+
+    from lmforge.infer import native
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert not native.clear_stale_lock(tmp_path) and lock.exists()          # a fresh lock: a build is running
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    assert native.clear_stale_lock(tmp_path) and not lock.exists()
+    assert not native.clear_stale_lock(tmp_path) and not native.clear_stale_lock(None)

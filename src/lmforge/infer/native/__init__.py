@@ -63,11 +63,25 @@ def why_not() -> str | None:
     return _state.get("why")
 
 
-def _built(cpp_extension, name: str) -> bool:
+def _build_dir(cpp_extension, name: str) -> Path | None:
     try:
-        return any(Path(cpp_extension._get_build_directory(name, verbose=False)).glob(f"{name}*.so"))
-    except Exception:  # a private torch helper: only decides whether to print the "compiling" line
-        return False
+        return Path(cpp_extension._get_build_directory(name, verbose=False))
+    except Exception:  # a private torch helper: only used for the "compiling" line and the stale-lock check
+        return None
+
+
+def clear_stale_lock(build_dir: Path | None, max_age_s: float = 600.0) -> bool:
+    """torch's build lock is a file that a killed build (Ctrl-C while compiling) leaves behind, and every later
+    load then waits on it forever. A build takes ~30 s, so a lock older than max_age_s is removed."""
+    import time
+    lock = build_dir / "lock" if build_dir is not None else None
+    try:
+        if lock is not None and time.time() - lock.stat().st_mtime > max_age_s:
+            lock.unlink()
+            return True
+    except OSError:
+        pass
+    return False
 
 
 def _build(verbose: bool):
@@ -76,7 +90,9 @@ def _build(verbose: bool):
         if not cpp_extension.is_ninja_available():
             return None, "ninja is not installed (pip install ninja)"
         name = module_name()
-        if not _built(cpp_extension, name):
+        build_dir = _build_dir(cpp_extension, name)
+        clear_stale_lock(build_dir)
+        if build_dir is None or not any(build_dir.glob(f"{name}*.so")):
             print("lmforge: compiling the native decode step for this machine (once, about 30 s)...",
                   file=sys.stderr, flush=True)
         ext = cpp_extension.load(name=name, sources=[str(SOURCE)], verbose=verbose,

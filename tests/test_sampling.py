@@ -289,3 +289,21 @@ def test_normalisation_and_vocab_check():
     with pytest.raises(ConfigError, match="outside the vocabulary") as ei:
         SamplingParams(stop_token_ids=[8]).check_vocab(8)
     assert ei.value.field == "stop_token_ids"
+
+
+def test_per_row_generators_draw_the_processed_distribution():
+    """The per-row-generator branch of sample() (the engine's): chi-square against softmax over top-k, and a
+    filtered id (probability exactly 0) never drawn, even when a uniform lands on the edge of its interval."""
+    logits = [1.2, -0.4, 0.7, 0.0, 2.0, -1.5]
+    N = 6000
+    proc = process_logits(torch.tensor([logits]).expand(N, -1), SamplingParams(top_k=4))
+    gens = [torch.Generator().manual_seed(s) for s in range(N)]
+    counts = torch.bincount(sample(proc, gens), minlength=len(logits)).tolist()
+    expected = torch.tensor(logits).masked_fill(torch.tensor(logits) < 0.0, float("-inf")).softmax(-1).tolist()
+    assert counts[1] == counts[5] == 0
+    support = [i for i in range(len(logits)) if expected[i] > 0]
+    stat = sum((counts[i] - N * expected[i]) ** 2 / (N * expected[i]) for i in support)
+    assert _chi2_pvalue(stat, len(support) - 1) > 1e-3
+    # zero-probability ids at the start and end of the row, and a point mass in the middle
+    edge = torch.tensor([[float("-inf"), 0.0, 0.0, float("-inf")]] * 2000)
+    assert set(sample(edge, torch.Generator().manual_seed(0)).tolist()) == {1, 2}

@@ -297,8 +297,10 @@ def process_logits(logits: torch.Tensor, params: SamplingParams | Sequence[Sampl
     # 6. top-k: drop logits below the k-th largest (ties with it survive, as in HF TopKLogitsWarper)
     ks = [min(p.top_k, V) if p.top_k > 0 and not p.greedy else V for p in rows]
     if any(k < V for k in ks):
-        sorted_desc = x.sort(dim=-1, descending=True).values
-        kth = sorted_desc.gather(1, torch.tensor(ks, device=dev).unsqueeze(1) - 1)
+        # the k-th largest value per row from one topk of the largest k (a full sort costs ~15x more at 8k ids)
+        top = x.topk(max(k for k in ks if k < V), dim=-1).values
+        kth = top.gather(1, torch.tensor([min(k, top.size(1)) for k in ks], device=dev).unsqueeze(1) - 1)
+        kth = torch.where(torch.tensor([k < V for k in ks], device=dev).unsqueeze(1), kth, float("-inf"))
         x = x.masked_fill(x < kth, float("-inf"))
 
     # 7. top-p: on the ascending sort, drop the prefix whose total mass is <= 1 - top_p; the top token always stays
@@ -334,7 +336,7 @@ def sample(processed: torch.Tensor,
     if isinstance(generators, torch.Generator) or generators is None:
         rand_rows = (~one).nonzero().flatten()
         if len(rand_rows):
-            out[rand_rows] = torch.multinomial(probs[rand_rows], 1, generator=generators).squeeze(1)
+            out[rand_rows] = _draw(probs[rand_rows], generators)
         return out
     generators = list(generators)
     if len(generators) != B:
@@ -342,11 +344,22 @@ def sample(processed: torch.Tensor,
     global_rows = [b for b in range(B) if generators[b] is None and not one[b]]
     if global_rows:
         t = torch.tensor(global_rows, device=probs.device)
-        out[t] = torch.multinomial(probs[t], 1).squeeze(1)
+        out[t] = _draw(probs[t], None)
     for b, g in enumerate(generators):
         if g is not None and not one[b]:
-            out[b] = torch.multinomial(probs[b], 1, generator=g)[0]
+            out[b] = _draw(probs[b:b + 1], g)[0]
     return out
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One id per row of probs [R, V] by inverting the CDF with one uniform draw per row. torch.multinomial draws
+    V exponentials per sample on CPU (~0.3 ms at 8k ids, as long as a small model's whole decode step); this is
+    a float64 cumulative sum and a binary search. A zero-probability id is never drawn: it adds nothing to the
+    sum, so no uniform lands in its (empty) interval."""
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return idx.squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
 # --- logprobs ----------------------------------------------------------------------------------------------------

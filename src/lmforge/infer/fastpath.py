@@ -41,7 +41,8 @@ from lmforge.model.transformer import _SDPA_GQA, Attention, Block, FeedForward, 
     inference_weight
 
 
-_NO_MASK = torch.empty(0, 0, dtype=torch.bool)
+_NO_MASK = torch.empty(0, 0, dtype=torch.bool)      # "no padding" / "positions = pos" for the C++ step
+_NO_POSITIONS = torch.empty(0, dtype=torch.long)
 
 
 def supports(cfg) -> bool:
@@ -112,7 +113,6 @@ class FastDecoder:
                 self._ext = ext
                 self._native = ext.NativeDecoder(self.emb.contiguous(), [t for lay in self.layers for t in lay],
                                                  self.norm_w.contiguous(), self.head, H, Hkv, hd, cfg.norm_eps)
-        self._no_tensor = torch.empty(0, dtype=torch.long)
 
     def argmax(self, logits: torch.Tensor, vocab: int) -> torch.Tensor:
         """logits[:, :vocab].argmax(-1), through the C++ step's module when it runs (torch's reduction is ~30 us
@@ -176,7 +176,7 @@ class FastDecoder:
             self._table(S)    # positions never exceed the slot index
             logits = self._native.step(
                 tokens.reshape(B).long().contiguous(),
-                self._no_tensor if position_ids is None else position_ids.reshape(B).long().contiguous(),
+                _NO_POSITIONS if position_ids is None else position_ids.reshape(B).long().contiguous(),
                 pad if mask is not None else _NO_MASK, cache.k, cache.v, pos, self._cos, self._sin)
             cache.pos = S
             return logits

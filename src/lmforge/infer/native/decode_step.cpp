@@ -59,8 +59,8 @@ class NativeDecoder {
     TORCH_CHECK(norm_w_.is_contiguous(), "final norm weight");
   }
 
-  // tokens (B) int64; positions (B) int64 (the RoPE position of each row's new token) or empty for `pos`; mask: (B, >= S) bool with
-  // row stride, True = real token, or an empty tensor for no padding; K, V: (L, B, Hkv, max_len, hd) contiguous
+  // tokens (B) int64; positions (B) int64 (the RoPE position of each row's new token) or empty for `pos`;
+  // mask: (B, >= S) bool with row stride, True = real token, or an empty tensor for no padding; K, V: (L, B, Hkv, max_len, hd) contiguous
   // fp32 caches whose slot `pos` is written; cos/sin: (P, hd) tables, sin with rotate_half's sign folded in.
   // Returns logits (B, V). The caller advances the cache position.
   at::Tensor step(at::Tensor tokens, at::Tensor positions, at::Tensor mask, at::Tensor K, at::Tensor V, int64_t pos,
@@ -104,6 +104,7 @@ class NativeDecoder {
     const float qscale = 1.0f / std::sqrt((float)hd);
     // attention work per (row, head); go parallel only when a chunk is worth a thread hand-off
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, S * hd));
+    std::vector<float> tmp(hd);                          // one rotated q head (RoPE reads the unrotated halves)
 
     for (int64_t l = 0; l < L_; ++l) {
       const at::Tensor* w = &layers_[6 * l];
@@ -111,7 +112,6 @@ class NativeDecoder {
       at::mm_out(qkv, xn, w[1]);
       // RoPE (q scaled by 1/sqrt(hd)) in place for q; k rotated and v copied straight into cache slot `pos`
       float* qp = qkv.data_ptr<float>();
-      std::vector<float> tmp(hd);
       for (int64_t b = 0; b < B; ++b) {
         const float* c = ct + posn[b] * hd;
         const float* s = st + posn[b] * hd;

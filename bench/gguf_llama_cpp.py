@@ -21,7 +21,7 @@ import torch
 import lmforge.interop.gguf as gg
 from lmforge.model import ModelConfig, Transformer
 from lmforge.tokenizer.tokenizer import Tokenizer
-from lmforge.train.checkpoint import save_checkpoint
+from lmforge.checkpoint import save as save_checkpoint
 
 TEXTS = ["Hello world! It's a test, isn't it?", "你好世界，这是一个测试。", "Привет, мир! 123456789",
          "def f(x):\n    return x ** 2  # square\n\n\tpass\r\n", "Emoji: 😀🎉👍🏽 🇫🇷 done.   spaces   \n\n",

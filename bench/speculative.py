@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.infer.generate import generate, load_for_inference
+from lmforge import load
+from lmforge.infer.generate import generate
 from lmforge.infer.sampling import SamplingParams
-from lmforge.infer.speculative import load_draft, speculative_generate
+from lmforge.infer.speculative import check_draft, speculative_generate
 
 
 TARGET = dict(d_model=256, n_layer=4, n_head=4, max_seq_len=256)
@@ -98,20 +99,23 @@ def main() -> None:
     out = Path(args.out or tmp.name)
     ids = None
     if args.checkpoint:
-        model, tok = load_for_inference(args.checkpoint, device="cpu")
+        model, tok = load(args.checkpoint, device="cpu")
     else:
         from lmforge.data.corpus import kjv
         from lmforge.tokenizer.tokenizer import Tokenizer
         tok = Tokenizer.train(list(kjv()), vocab_size=2048, progress=False)
         ids = kjv_tokens(tok)
         target_dir = train_model("target", tok, ids, args.train_seconds, TARGET, out, args.threads)
-        model, tok = load_for_inference(target_dir, device="cpu")
+        model, tok = load(target_dir, device="cpu")
     draft_dir = args.draft_checkpoint
     if draft_dir is None and args.draft_seconds > 0:  # a draft for the target's tokenizer and context
         size = {**DRAFT, "max_seq_len": model.config.max_seq_len}
         ids = kjv_tokens(tok) if ids is None else ids
         draft_dir = train_model("draft", tok, ids, args.draft_seconds, size, out, args.threads)
-    draft = load_draft(draft_dir, tok, device="cpu") if draft_dir else None
+    draft = None
+    if draft_dir:
+        draft, draft_tok = load(draft_dir, device="cpu")
+        check_draft(model, tok, draft, draft_tok, file=draft_dir)
     K, prec = args.lookahead, args.precision
 
     print(f"target {model.num_params()['total'] / 1e6:.1f}M params"

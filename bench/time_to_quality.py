@@ -120,7 +120,7 @@ def run_lmforge(train_text: str, val_text: str, work: Path, args) -> dict:
     s = train(model, task, cfg, model_config=mcfg.to_dict(), flops_per_token=model.flops_per_token(args.seq_len))
     wall = time.perf_counter() - t0
     model.eval()
-    from lmforge.train.runtime import autocast
+    from lmforge.runtime import autocast
     with torch.no_grad(), autocast(torch.device("cpu"), s["precision"]):
         res = evaluate_bpb(model, val_ids, token_byte_lengths(tok), args.seq_len, 16)
     assert res["bytes"] == len(val_text.encode()), (res["bytes"], len(val_text.encode()))

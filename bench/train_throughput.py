@@ -51,7 +51,7 @@ def main():
 
     from lmforge.model.config import ModelConfig
     from lmforge.model.transformer import Transformer
-    from lmforge.train.runtime import measured_peak_flops, resolve_precision
+    from lmforge.runtime import measured_peak_flops, resolve_precision
 
     torch.set_num_threads(2)
     cpu = torch.device("cpu")

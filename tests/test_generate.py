@@ -8,7 +8,8 @@ from hypothesis import given, settings, strategies as st
 
 from lmforge.cli import main
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.infer.generate import Detokenizer, generate, generate_n, load_for_inference
+from lmforge import load
+from lmforge.infer.generate import Detokenizer, generate, generate_n
 from lmforge.infer.sampling import SamplingParams, process_logits, sample
 from lmforge.model import KVCache, ModelConfig, Transformer
 from lmforge.tokenizer.bpe import resolve_pattern
@@ -303,15 +304,15 @@ def test_detokenizer_properties(byte_tok, text, stops):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, tok):
-    from lmforge.train.checkpoint import save_checkpoint
+    from lmforge.checkpoint import save as save_checkpoint
     model = tiny_model(tok.vocab_size)
     path = tmp_path_factory.mktemp("gen") / "ckpt"
     save_checkpoint(path, model=model, model_config=model.config.to_dict(), tokenizer=tok)
     return path
 
 
-def test_load_for_inference_round_trip(ckpt, tok):
-    model, t = load_for_inference(ckpt, device="cpu")
+def test_load_round_trip(ckpt, tok):
+    model, t = load(ckpt, device="cpu")
     assert t == tok and not model.training
     ref = tiny_model(tok.vocab_size)
     p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -319,7 +320,7 @@ def test_load_for_inference_round_trip(ckpt, tok):
 
 
 def test_cli_generate_matches_library(ckpt, tok, capsys):
-    model, _ = load_for_inference(ckpt, device="cpu")
+    model, _ = load(ckpt, device="cpu")
     p = SamplingParams(temperature=0.8, top_k=20, seed=0, max_tokens=12, ignore_eos=False)
     expected = generate(model, tok, "Hello", p)
     rc = main(["generate", "--checkpoint", str(ckpt), "--prompt", "Hello", "--temperature", "0.8",
@@ -345,7 +346,7 @@ def test_cli_errors_are_one_line(tmp_path, ckpt, capsys):
 
 
 def test_cli_defaults_come_from_generation_config(tmp_path, tok, capsys):
-    from lmforge.train.checkpoint import save_checkpoint
+    from lmforge.checkpoint import save as save_checkpoint
     model = tiny_model(tok.vocab_size)
     path = save_checkpoint(tmp_path / "c", model=model, model_config=model.config.to_dict(), tokenizer=tok,
                            generation_config={"max_new_tokens": 3, "temperature": 0, "eos_token_id": 1})

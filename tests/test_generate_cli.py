@@ -8,7 +8,7 @@ import torch
 
 from lmforge.cli import main
 from lmforge.infer.engine import Engine
-from lmforge.infer.generate import load_for_inference
+from lmforge import load
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.search import beam_search, best_of_n
 from lmforge.model import ModelConfig, Transformer
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from lmforge.train.checkpoint import save_checkpoint
+    from lmforge.checkpoint import save as save_checkpoint
     tok = Tokenizer.train([TEXT * 30], vocab_size=272 + 50, progress=False)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_heads=2, d_model=32,
@@ -42,7 +42,7 @@ def test_n_completions_match_the_engine(ckpt, capsys):
     rc, out, err = run(capsys, "--checkpoint", str(ckpt), "--prompt", "In the", "--n", "3", "--seed", "4",
                        "--max-new-tokens", "6", "--temperature", "0.9", "--ignore-eos")
     assert rc == 0 and "3 completions" in err
-    model, tok = load_for_inference(ckpt, device="cpu")
+    model, tok = load(ckpt, device="cpu")
     expected = Engine(model, tok).generate(["In the"], SamplingParams(n=3, seed=4, max_tokens=6, temperature=0.9,
                                                                        ignore_eos=True))[0]
     for i, r in enumerate(expected):
@@ -68,7 +68,7 @@ def test_json_schema_and_choices(ckpt, tmp_path, capsys):
 
 
 def test_search_modes_print_the_library_answer(ckpt, capsys):
-    model, tok = load_for_inference(ckpt, device="cpu")
+    model, tok = load(ckpt, device="cpu")
     rc, out, err = run(capsys, "--checkpoint", str(ckpt), "--prompt", "In the", "--beam", "3",
                        "--max-new-tokens", "8")
     best = beam_search(model, tok, "In the", n_beams=3, max_tokens=8, progress=False).best

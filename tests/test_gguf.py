@@ -16,7 +16,7 @@ from lmforge.interop.gguf import export_gguf, quantize_q4_0, quantize_q8_0
 from lmforge.model import ModelConfig, Transformer
 from lmforge.model.transformer import apply_rope, rope_cos_sin, rope_inv_freq
 from lmforge.tokenizer.tokenizer import Tokenizer, _bytes_to_unicode
-from lmforge.train.checkpoint import save_checkpoint
+from lmforge.checkpoint import save as save_checkpoint
 from test_tokenizer import reference
 
 gguf = pytest.importorskip("gguf")

@@ -152,7 +152,7 @@ def test_continuation_logprobs_equal_a_full_forward_gather(tok):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, tok):
-    from lmforge.train.checkpoint import save_checkpoint
+    from lmforge.checkpoint import save as save_checkpoint
     model = tiny_model(tok.vocab_size, seed=4)
     path = tmp_path_factory.mktemp("inspect") / "ckpt"
     save_checkpoint(path, model=model, model_config=model.config.to_dict(), tokenizer=tok)

@@ -21,7 +21,8 @@ from lmforge.interop.hf_tokenizer import read_hf_tokenizer
 from lmforge.model import ModelConfig, Transformer, get_preset
 from lmforge.tokenizer.bpe import GPT4_PATTERN
 from lmforge.tokenizer.tokenizer import Tokenizer
-from lmforge.train.checkpoint import load_checkpoint, save_checkpoint
+from lmforge import load
+from lmforge.checkpoint import read_config, save as save_checkpoint
 from test_tokenizer import HF_TEXTS, MULTILINGUAL, corpus_texts, reference
 
 transformers = pytest.importorskip("transformers")
@@ -265,7 +266,7 @@ def test_import_matches_transformers(family, tmp_path):
     assert (hf_dir / "model.safetensors.index.json").is_file() == (family == "llama")
 
     ckpt = import_hf(hf_dir, tmp_path / "ckpt", progress=False)
-    model, tok, config = load_checkpoint(ckpt)
+    (model, tok), config = load(ckpt, device="cpu"), read_config(ckpt)
     assert config["imported_from"]["architecture"] == hf.__class__.__name__
     assert tok == read_hf_tokenizer(hf_dir) and tok.chat_template == hf_tokenizer(TOKENIZER_STYLE[family])[2]
     assert model.num_params()["total"] == sum(p.numel() for p in hf.parameters())
@@ -421,7 +422,7 @@ def test_export_loads_in_transformers(style, tmp_path, monkeypatch):
     back = import_hf(out, tmp_path / "back", progress=False)
     a, b = load_file(str(ckpt / "model.safetensors")), load_file(str(back / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    _, tok2, config2 = load_checkpoint(back)
+    (_, tok2), config2 = load(back, device="cpu"), read_config(back)
     assert ModelConfig.from_dict(config2["model"]) == cfg
     assert tok2.hash() == tok.hash() and tok2.chat_template == tok.chat_template
     assert json.loads((back / "tokenizer" / "tokenizer_meta.json").read_text())["version"] == 1

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmforge.train import checkpoint as ckpt
+from lmforge import checkpoint as ckpt
 from lmforge.train.metrics import read_metrics
 from train_driver import assert_identical_runs, run_driver  # tests/ is on sys.path under pytest
 from lmforge.train.trainer import TrainConfig, lr_at, train
@@ -88,7 +88,7 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
 
 def test_interrupted_checkpoint_write_keeps_last_good(tmp_path, monkeypatch):
     model = torch.nn.Linear(4, 4)
-    good = ckpt.save_checkpoint(tmp_path / "checkpoint", model=model, model_config={"v": 1})
+    good = ckpt.save(tmp_path / "checkpoint", model=model, model_config={"v": 1})
     before = load_file(str(good / "model.safetensors"))
 
     def crash(*a, **k):
@@ -98,13 +98,13 @@ def test_interrupted_checkpoint_write_keeps_last_good(tmp_path, monkeypatch):
     with torch.no_grad():
         model.weight.add_(1.0)
     with pytest.raises(OSError):
-        ckpt.save_checkpoint(tmp_path / "checkpoint", model=model, model_config={"v": 2})
+        ckpt.save(tmp_path / "checkpoint", model=model, model_config={"v": 2})
     assert ckpt.read_config(tmp_path / "checkpoint")["model"] == {"v": 1}
-    after = load_file(str(ckpt.resolve_checkpoint(tmp_path) / "model.safetensors"))
+    after = load_file(str(ckpt.resolve(tmp_path) / "model.safetensors"))
     assert torch.equal(before["weight"], after["weight"])
     # a crash between the two renames leaves only checkpoint.old: still found
     shutil.move(tmp_path / "checkpoint", tmp_path / "checkpoint.old")
-    assert ckpt.resolve_checkpoint(tmp_path / "checkpoint") == tmp_path / "checkpoint.old"
+    assert ckpt.resolve(tmp_path / "checkpoint") == tmp_path / "checkpoint.old"
 
 
 def test_torchrun_two_processes_match_one_process_with_accumulation(tmp_path):

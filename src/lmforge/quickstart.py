@@ -114,8 +114,8 @@ def run_quickstart(cfg: QuickstartConfig, out: str | Path, progress: bool = True
 def _samples(ckpt_dir, prompts, n_tokens) -> list[str]:
     from lmforge.infer.generate import generate
     from lmforge.infer.sampling import SamplingParams
-    from lmforge.train.checkpoint import load_checkpoint
-    model, tok, _ = load_checkpoint(ckpt_dir)
+    import lmforge
+    model, tok = lmforge.load(ckpt_dir, device="cpu")
     params = SamplingParams(temperature=0.8, top_k=50, max_tokens=n_tokens, seed=0)
     return [p + generate(model, tok, p, params).text for p in prompts]
 

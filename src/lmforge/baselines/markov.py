@@ -41,6 +41,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lmforge.errors import CheckpointError, ConfigError, DataError
+from lmforge.io import atomic_file
 
 SMOOTHINGS = ("kn", "addk")
 FORMAT = "lmforge-markov"
@@ -333,14 +334,8 @@ class MarkovModel:
         path = Path(path)
         meta = {"format": FORMAT, "version": 1, "order": self.order, "vocab_size": self.vocab_size,
                 "bos_id": self.bos_id, "smoothing": self.smoothing, "k": self.k, "train_tokens": self.train_tokens}
-        if path.parent and not path.parent.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the name
+        with atomic_file(path) as f:  # a file object, so numpy does not append ".npz" to the name
             np.savez(f, meta=np.array(json.dumps(meta)), **self._arrays())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path) -> "MarkovModel":

@@ -28,7 +28,6 @@ import itertools
 import json
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import numpy as np
 from lmforge import __version__
 from lmforge.data.corpus import progress_bar
 from lmforge.errors import ConfigError, DataError
+from lmforge.io import atomic_dir, write_json
 
 BATCH_BYTES = 1 << 18      # text per encode_batch call: big enough for the tokenizer's threads, small for RAM
 BATCH_DOCS = 1024
@@ -115,72 +115,65 @@ def prepare_shards(corpus, tokenizer, out_dir, val_fraction: float = 0.1, seed: 
     split: 'random' or 'tail' (see the module docstring)."""
     _check_options(val_fraction, out_dir, split)
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)          # left over from an interrupted run
-    tmp.mkdir(parents=True)
-
     vocab_size, bos = int(tokenizer.vocab_size), int(tokenizer.bos_id)
     dtype = token_dtype(vocab_size)
     assign = _assigner(corpus, split, val_fraction, seed, progress)
     t0 = time.time()
     writers: dict[str, _SplitWriter] = {}
     try:
-        writers = {s: _SplitWriter(tmp / f"{s}.bin", dtype, vocab_size) for s in SPLITS}
-        bar = progress_bar(corpus.total_bytes, "tokenizing", progress)
-        first_text, n_docs = None, 0
-        try:
-            for batch in _batches(assign(corpus.iter_sources(progress=False))):
-                texts = [text for text, _ in batch]
-                for (text, part), ids in zip(batch, tokenizer.encode_batch(texts)):
-                    writers[part].add(bos, ids, len(text.encode("utf-8")))
-                    n_docs += 1
-                    if n_docs == 1:
-                        first_text = text     # kept only for the single-document case
-                    elif n_docs == 2:
-                        first_text = None
-                for w in writers.values():
-                    w.flush()
-                bar.update(corpus.stats.bytes_read - bar.n)
-                tokens = sum(w.tokens for w in writers.values())
-                bar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9) / 1e3:.1f}k tok/s", refresh=False)
-        except BaseException:
-            bar.leave = False     # an error message alone on its line, not under a dead bar
-            raise
-        finally:
-            bar.close()
-        if n_docs == 0:   # a Corpus raises first; this guards other iterables
-            raise DataError(f"the corpus has no documents: {corpus}")
-        single = n_docs == 1
-        if single:
-            _split_single(first_text, tokenizer, writers, val_fraction)
-        else:
-            for a, b in (("train", "val"), ("val", "train")):
-                if writers[b].documents == 0:    # make sure both splits have something
-                    tail, nbytes = writers[a].pop_last()    # starts with its BOS
-                    writers[b].add(int(tail[0]), tail[1:].tolist(), nbytes)
-        for w in writers.values():
-            w.close()
+        with atomic_dir(out) as tmp:
+            writers = {s: _SplitWriter(tmp / f"{s}.bin", dtype, vocab_size) for s in SPLITS}
+            bar = progress_bar(corpus.total_bytes, "tokenizing", progress)
+            first_text, n_docs = None, 0
+            try:
+                for batch in _batches(assign(corpus.iter_sources(progress=False))):
+                    texts = [text for text, _ in batch]
+                    for (text, part), ids in zip(batch, tokenizer.encode_batch(texts)):
+                        writers[part].add(bos, ids, len(text.encode("utf-8")))
+                        n_docs += 1
+                        if n_docs == 1:
+                            first_text = text     # kept only for the single-document case
+                        elif n_docs == 2:
+                            first_text = None
+                    for w in writers.values():
+                        w.flush()
+                    bar.update(corpus.stats.bytes_read - bar.n)
+                    tokens = sum(w.tokens for w in writers.values())
+                    bar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9) / 1e3:.1f}k tok/s", refresh=False)
+            except BaseException:
+                bar.leave = False     # an error message alone on its line, not under a dead bar
+                raise
+            finally:
+                bar.close()
+            if n_docs == 0:   # a Corpus raises first; this guards other iterables
+                raise DataError(f"the corpus has no documents: {corpus}")
+            single = n_docs == 1
+            if single:
+                _split_single(first_text, tokenizer, writers, val_fraction)
+            else:
+                for a, b in (("train", "val"), ("val", "train")):
+                    if writers[b].documents == 0:    # make sure both splits have something
+                        tail, nbytes = writers[a].pop_last()    # starts with its BOS
+                        writers[b].add(int(tail[0]), tail[1:].tolist(), nbytes)
+            for w in writers.values():
+                w.close()
 
-        stats = corpus.stats
-        meta = {
-            "format": FORMAT, "format_version": 1, "lmforge_version": __version__,
-            "tokenizer_hash": tokenizer.hash(), "vocab_size": vocab_size, "dtype": dtype.name,
-            "byte_order": "little", "bos_id": bos, "eos_id": getattr(tokenizer, "eos_id", None),
-            "train": writers["train"].counts(), "val": writers["val"].counts(),
-            "sources": list(corpus.sources), "text_field": corpus.text_field,
-            "val_fraction": val_fraction, "split": split, "seed": seed, "single_document_split": single,
-            "corpus": {"documents": stats.documents, "bytes": stats.bytes, "files": stats.files,
-                       "bad_lines": stats.bad_lines, "replaced_chars": stats.replaced_chars,
-                       "empty_documents": stats.empty_documents, "skipped_files": len(stats.skipped_files)},
-        }
-        _write_json(tmp / "meta.json", meta)
-        _replace_dir(tmp, out)
-    except BaseException:
+            stats = corpus.stats
+            meta = {
+                "format": FORMAT, "format_version": 1, "lmforge_version": __version__,
+                "tokenizer_hash": tokenizer.hash(), "vocab_size": vocab_size, "dtype": dtype.name,
+                "byte_order": "little", "bos_id": bos, "eos_id": getattr(tokenizer, "eos_id", None),
+                "train": writers["train"].counts(), "val": writers["val"].counts(),
+                "sources": list(corpus.sources), "text_field": corpus.text_field,
+                "val_fraction": val_fraction, "split": split, "seed": seed, "single_document_split": single,
+                "corpus": {"documents": stats.documents, "bytes": stats.bytes, "files": stats.files,
+                           "bad_lines": stats.bad_lines, "replaced_chars": stats.replaced_chars,
+                           "empty_documents": stats.empty_documents, "skipped_files": len(stats.skipped_files)},
+            }
+            write_json(tmp / "meta.json", meta)
+    finally:
         for w in writers.values():
             w.f.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 
@@ -251,33 +244,6 @@ def _check_options(val_fraction: float, out_dir, split: str = "random") -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file():
         raise DataError("exists, is not empty and holds no meta.json: refusing to replace it; "
                         "choose another --out", file=str(out))
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename tmp -> out; an existing out is moved aside first and deleted only after the rename."""
-    old = out.with_name(out.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-    try:   # make the rename itself durable
-        fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def load_shards(data_dir, tokenizer_hash: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:

@@ -7,11 +7,11 @@ from lmforge.errors import ConfigError
 def cmd_bpb(args) -> int:
     from lmforge.data.shards import load_shards
     from lmforge.eval.bpb import evaluate_bpb, token_byte_lengths
-    from lmforge.train.checkpoint import load_checkpoint
-    from lmforge.train.runtime import autocast, detect_device, resolve_precision
+    import lmforge
+    from lmforge.runtime import autocast, detect_device, resolve_precision
 
     device = detect_device(args.device)
-    model, tok, _ = load_checkpoint(args.checkpoint, device)
+    model, tok = lmforge.load(args.checkpoint, device)
     train_tokens, val_tokens, meta = load_shards(args.data)
     tokens = val_tokens if args.split == "val" else train_tokens
     seq_len = args.seq_len or model.config.max_seq_len

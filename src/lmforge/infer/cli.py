@@ -67,8 +67,10 @@ def _print_logprobs(tokenizer, logprobs) -> None:
 
 
 def cmd_generate(args) -> int:
-    from lmforge.infer.generate import generate, load_for_inference, params_from_generation_config
-    from lmforge.train.checkpoint import resolve_checkpoint
+    import lmforge
+    from lmforge import checkpoint
+    from lmforge.infer.generate import generate, params_from_generation_config
+    from lmforge.interop.hf import is_hf_dir
 
     search = {"--best-of": args.best_of, "--self-consistency": args.self_consistency, "--beam": args.beam,
               "--draft-checkpoint/--lookahead": args.draft_checkpoint or args.lookahead}
@@ -82,7 +84,8 @@ def cmd_generate(args) -> int:
         if v is not None and v < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {v}", field=flag)
 
-    path = resolve_checkpoint(args.checkpoint)
+    # default sampling settings come from the model directory's generation_config.json
+    path = args.checkpoint if is_hf_dir(args.checkpoint) else checkpoint.resolve(args.checkpoint)
     params = params_from_generation_config(
         path, defaults={"max_tokens": 256}, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
@@ -90,7 +93,7 @@ def cmd_generate(args) -> int:
         stop_token_ids=args.stop_token_id or None, min_tokens=args.min_tokens, ignore_eos=args.ignore_eos or None,
         logit_bias=_logit_bias(args.logit_bias), seed=args.seed, logprobs=args.logprobs,
         logprobs_mode=args.logprobs_mode, n=args.n)
-    model, tokenizer = load_for_inference(path, device=args.device)
+    model, tokenizer = lmforge.load(path, device=args.device)
     constraint = _constraint(args, tokenizer)
     if constraint is not None and modes:
         raise ConfigError(f"a grammar (--json-schema/--regex/--choices) works with plain sampling, not {modes[0]}")
@@ -122,9 +125,11 @@ def cmd_generate(args) -> int:
 
     extra = ""
     if args.draft_checkpoint or args.lookahead:
-        from lmforge.infer.speculative import load_draft, speculative_generate
-        draft = load_draft(resolve_checkpoint(args.draft_checkpoint), tokenizer, device=args.device) \
-            if args.draft_checkpoint else None
+        from lmforge.infer.speculative import check_draft, speculative_generate
+        draft = None
+        if args.draft_checkpoint:
+            draft, draft_tok = lmforge.load(args.draft_checkpoint, device=args.device)
+            check_draft(model, tokenizer, draft, draft_tok, file=args.draft_checkpoint)
         s = speculative_generate(model, tokenizer, args.prompt, params, draft_model=draft,
                                  lookahead=args.lookahead or 4, precision=args.precision, stream=True)
     else:

@@ -1,6 +1,6 @@
 """Generation for one prompt: prefill the prompt into the KV cache, then decode one token at a time.
 
-    model, tok = load_for_inference("runs/quickstart/checkpoint")
+    model, tok = lmforge.load("runs/quickstart/checkpoint")
     res = generate(model, tok, "Once upon a time", SamplingParams(temperature=0.8, max_tokens=50))
     res.text, res.token_ids, res.finish_reason            # 'stop' (EOS / stop id / stop string) | 'length'
     for delta in generate(model, tok, "Hello", params, stream=True):
@@ -169,7 +169,7 @@ def _prompt_ids(tokenizer, prompt, add_bos: bool | None, vocab: int) -> list[int
 
 
 def _autocast(device: torch.device, precision: str):
-    from lmforge.train.runtime import autocast, resolve_precision
+    from lmforge.runtime import autocast, resolve_precision
     return autocast(device, resolve_precision(precision, device))
 
 
@@ -260,16 +260,7 @@ def generate_n(model, tokenizer, prompt: str | Sequence[int], params: SamplingPa
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# loading a checkpoint, and the CLI verb
-
-def load_for_inference(ckpt_path: str | Path, device: str = "auto"):
-    """(model in eval mode on `device`, tokenizer) from a checkpoint directory (or a run directory)."""
-    from lmforge.train.checkpoint import load_checkpoint
-    from lmforge.train.runtime import detect_device
-
-    model, tokenizer, _ = load_checkpoint(ckpt_path, detect_device(device))
-    return model, tokenizer
-
+# default sampling settings of a model directory
 
 GENERATION_CONFIG_KEYS = {"max_new_tokens": "max_tokens"}  # HF name -> ours; our own names pass through
 

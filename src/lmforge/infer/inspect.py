@@ -239,9 +239,8 @@ def continuation_logprobs(model, tokenizer, prompt: str | Sequence[int], continu
 # CLI verbs
 
 def _load(args):
-    from lmforge.infer.generate import load_for_inference
-    from lmforge.train.checkpoint import resolve_checkpoint
-    return load_for_inference(resolve_checkpoint(args.checkpoint), device=args.device)
+    import lmforge
+    return lmforge.load(args.checkpoint, device=args.device)
 
 
 def cmd_attention(args) -> int:

@@ -246,7 +246,7 @@ def beam_search(model, tokenizer, prompt: str | Sequence[int], *, n_beams: int =
 
     running = [_Hyp([], [], 0.0)]
     finished: list[tuple[float, _Hyp]] = []  # (score, hyp), best first, at most K
-    from lmforge.train.runtime import autocast, resolve_precision
+    from lmforge.runtime import autocast, resolve_precision
     from tqdm import tqdm
     bar = tqdm(total=budget, desc="beam search", unit="tok", disable=None if progress else True, leave=False)
     was_training = model.training

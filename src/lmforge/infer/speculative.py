@@ -270,16 +270,18 @@ def _spec_decode(model, tokenizer, req: _Request, draft_model, lookahead: int, n
             m.train(t)
 
 
-def _check_draft(model, tokenizer, draft_model, draft_tokenizer) -> None:
+def check_draft(model, tokenizer, draft_model, draft_tokenizer=None, file: str | None = None) -> None:
+    """The draft must share the target's tokenizer and device (`file`: where the draft came from, for errors)."""
+    where = {"file": str(file)} if file is not None else {"field": "draft_model"}
     if draft_tokenizer is not None and draft_tokenizer != tokenizer:
         raise LmforgeError("the draft model's tokenizer differs from the target's: speculative decoding needs "
-                           "both to share one tokenizer", field="draft_model")
+                           "both to share one tokenizer", **where)
     dv = draft_model.config.vocab_size
     if dv < tokenizer.vocab_size:
         raise LmforgeError(f"the draft model has {dv} tokens but the tokenizer {tokenizer.vocab_size}: draft and "
-                           f"target must share one tokenizer", field="draft_model")
+                           f"target must share one tokenizer", **where)
     if next(draft_model.parameters()).device != next(model.parameters()).device:
-        raise LmforgeError("the draft model must be on the same device as the target", field="draft_model")
+        raise LmforgeError("the draft model must be on the same device as the target", **where)
 
 
 def speculative_generate(model, tokenizer, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
@@ -302,20 +304,9 @@ def speculative_generate(model, tokenizer, prompt: str | Sequence[int], params: 
     model = _unwrap(model)
     if draft_model is not None:
         draft_model = _unwrap(draft_model)
-        _check_draft(model, tokenizer, draft_model, draft_tokenizer)
+        check_draft(model, tokenizer, draft_model, draft_tokenizer)
     req = _prepare(model, tokenizer, prompt, params, add_bos)
     stats = SpecStats()
     s = SpecStream(_spec_decode(model, tokenizer, req, draft_model, lookahead, ngram, precision, stats),
                    req.prompt_ids, stats)
     return s if stream else s.consume()
-
-
-def load_draft(path, tokenizer, device="auto"):
-    """A draft model from a checkpoint directory, checked to share `tokenizer` (for `--draft-checkpoint DIR`)."""
-    from lmforge.infer.generate import load_for_inference
-
-    draft, draft_tok = load_for_inference(path, device=device)
-    if draft_tok != tokenizer:
-        raise LmforgeError("its tokenizer differs from the target's: speculative decoding needs both to share one "
-                           "tokenizer", file=str(path))
-    return draft

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.interop.hf import QWEN2_PATTERN, SafetensorsDir, _checkpoint_config
+from lmforge.interop.hf import QWEN2_PATTERN, SafetensorsDir
 from lmforge.model.config import ModelConfig
 from lmforge.tokenizer.bpe import GPT2_PATTERN, GPT4_PATTERN
 
@@ -199,14 +199,14 @@ def export_gguf(checkpoint: str | Path, out: str | Path, qtype: str = "f16", *, 
         raise ConfigError("GGUF export needs the gguf package: pip install 'lmforge[interop]'") from None
     from tqdm import tqdm
 
+    from lmforge import checkpoint as ckpt
     from lmforge.model.transformer import Transformer
     from lmforge.tokenizer.tokenizer import Tokenizer
-    from lmforge.train.checkpoint import read_config, resolve_checkpoint
 
     if qtype not in TYPES:
         raise ConfigError(f"{qtype!r} is not one of {', '.join(TYPES)}", field="type")
-    path = resolve_checkpoint(checkpoint)
-    cfg = _checkpoint_config(path, read_config(path))
+    path = ckpt.resolve(checkpoint)
+    cfg = ModelConfig.from_checkpoint(path)
     check_exportable(cfg)
     tok = Tokenizer.load(path / "tokenizer")
     weights = SafetensorsDir(path)

@@ -1,4 +1,5 @@
-"""Hugging Face <-> lmforge: configs, weight names, and the import / export / load entry points.
+"""Hugging Face <-> lmforge: configs, weight names, import and export (lmforge.load reads HF directories through
+`load_hf`).
 
     lmforge import hf --source HF_DIR --out CKPT_DIR      # Llama, Mistral, Qwen2, Qwen3, GPT-2 (safetensors)
     lmforge export hf --checkpoint CKPT_DIR --out HF_DIR  # LlamaForCausalLM / Qwen2 / Qwen3 / GPT2LMHeadModel
@@ -14,8 +15,6 @@ built on the meta device and filled by assignment, so an import holds about one 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import warnings
 from collections.abc import Iterator, Mapping
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import CheckpointError, ConfigError, read_json_object
+from lmforge.io import atomic_dir, write_json
 from lmforge.model.config import ROPE_SCALING_KEYS, ModelConfig
 
 # our family name -> the transformers class that loads it
@@ -424,13 +424,13 @@ def generation_from_hf(directory: Path, tokenizer) -> dict:
 def import_hf(source: str | Path, out: str | Path, *, dtype: str | None = None, progress: bool = True) -> Path:
     """Write an lmforge checkpoint (config.json, model.safetensors, tokenizer/, generation_config.json) from an HF
     model directory. dtype: None keeps the stored one, else 'float32' | 'bfloat16' | 'float16'."""
-    from lmforge.train.checkpoint import save_checkpoint
+    from lmforge import checkpoint
 
     if dtype is not None and dtype not in _DTYPES:
         raise ConfigError(f"{dtype!r} is not one of {', '.join(_DTYPES)}", field="dtype")
     _check_out(out, "config.json")
     model, tok, gen, family = _load_hf(source, "cpu", _DTYPES.get(dtype), progress)
-    return save_checkpoint(out, model=model, model_config=model.config.to_dict(), tokenizer=tok,
+    return checkpoint.save(out, model=model, model_config=model.config.to_dict(), tokenizer=tok,
                            generation_config=gen,
                            extra={"imported_from": {"format": "huggingface", "architecture": FAMILIES[family],
                                                     "path": str(Path(source).resolve())}})
@@ -443,11 +443,11 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, progress: bool = True)
     from safetensors.torch import save_file
     from tqdm import tqdm
 
+    from lmforge import checkpoint as ckpt
     from lmforge.tokenizer.tokenizer import Tokenizer
-    from lmforge.train.checkpoint import read_config, resolve_checkpoint
 
-    path = resolve_checkpoint(checkpoint)
-    cfg = _checkpoint_config(path, read_config(path))
+    path = ckpt.resolve(checkpoint)
+    cfg = ModelConfig.from_checkpoint(path)
     tok = Tokenizer.load(path / "tokenizer")
     hc, family = hf_config(cfg, tok)
     _check_out(out, "config.json")
@@ -464,14 +464,11 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, progress: bool = True)
     hc["torch_dtype"] = str(next(iter(hf_state.values())).dtype).removeprefix("torch.")
 
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _write_json(tmp / "config.json", hc)
-    save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    tok.export_hf(tmp)
-    _write_json(tmp / "generation_config.json", generation_to_hf(path, tok))
-    _swap_in(tmp, out)
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "config.json", hc)
+        save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tok.export_hf(tmp)
+        write_json(tmp / "generation_config.json", generation_to_hf(path, tok))
     return out
 
 
@@ -500,51 +497,12 @@ def generation_to_hf(checkpoint: Path, tokenizer) -> dict:
     return gc
 
 
-def load(path: str | Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer) ready for generation, from an lmforge checkpoint or run directory, or from a Hugging
-    Face model directory (converted in memory: nothing is written). device: 'cpu', 'cuda', 'mps' or 'auto'."""
-    from lmforge.train.runtime import detect_device
-    device = detect_device(device) if isinstance(device, str) else device
-    if is_hf_dir(path):
-        model, tok, _ = load_hf(path, device, progress=False)
-        return model, tok
-    from lmforge.train.checkpoint import load_checkpoint
-    model, tok, _ = load_checkpoint(path, device)
-    return model, tok
-
-
-def _checkpoint_config(path: Path, config: dict) -> ModelConfig:
-    if not isinstance(config.get("model"), dict):
-        raise CheckpointError("config.json has no 'model' section", file=str(path / "config.json"))
-    try:
-        return ModelConfig.from_dict(config["model"])
-    except ConfigError as e:
-        raise CheckpointError(f"bad model config: {e}", file=str(path / "config.json")) from None
-
-
 def _check_out(out: str | Path, marker: str) -> None:
     """Refuse to replace a directory that holds something else than a model (we replace the whole directory)."""
     out = Path(out)
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / marker).is_file()):
         raise ConfigError("exists and is not a model directory: refusing to replace it", file=str(out),
                           field="out")
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Make `tmp` appear at `out` whole: fsync, move any old `out` aside, rename, delete the old one."""
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -143,6 +143,21 @@ class ModelConfig:
             raise ConfigError(f"a model config must be a mapping, got {type(d).__name__}")
         return build(cls, d)
 
+    @classmethod
+    def from_checkpoint(cls, path) -> "ModelConfig":
+        """The model config of an lmforge checkpoint (or run) directory; errors name its config.json."""
+        from lmforge import checkpoint
+        from lmforge.errors import CheckpointError
+
+        path = checkpoint.resolve(path)
+        config = checkpoint.read_config(path)
+        if not isinstance(config.get("model"), dict):
+            raise CheckpointError("config.json has no 'model' section", file=str(path / "config.json"))
+        try:
+            return cls.from_dict(config["model"])
+        except ConfigError as e:
+            raise CheckpointError(f"bad model config: {e}", file=str(path / "config.json")) from None
+
 
 def default_d_ff(d_model: int, ffn: str, multiple_of: int = 64) -> int:
     if ffn == "swiglu":

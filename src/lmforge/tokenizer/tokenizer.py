@@ -39,6 +39,7 @@ import tiktoken
 
 from lmforge import __version__
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError, read_json_object
+from lmforge.io import atomic_write_text
 
 # ---------------------------------------------------------------------------------------------------------
 # Special tokens. ONE list, in id order (first special id = 256 + n_merges). Later stages import these names
@@ -357,7 +358,7 @@ class Tokenizer:
         if version == 2:
             lines += [f"tokens {self.vocab_size}", *self._token_hex(), f"merges {self.n_merges}"]
         lines += [f"{a} {b}" for a, b in self.merges]
-        _write_atomic(d / MODEL_FILE, "\n".join(lines) + "\n")
+        atomic_write_text(d / MODEL_FILE, "\n".join(lines) + "\n")
         meta = {"format": FORMAT_NAME, "version": version, "lmforge_version": __version__,
                 "pattern": self.pattern,
                 "special_tokens": list(self.special_tokens) if version == 1 else self.special_tokens,
@@ -366,7 +367,7 @@ class Tokenizer:
             meta.update(roles=self._roles, normalizer=self.normalizer)
         if self.chat_template is not None:
             meta["chat_template"] = self.chat_template
-        _write_atomic(d / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(d / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         self.export_hf(d)
         return d
 
@@ -460,7 +461,7 @@ class Tokenizer:
         `transformers.PreTrainedTokenizerFast` / `AutoTokenizer.from_pretrained(directory)`."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        _write_atomic(d / HF_FILE, json.dumps(self.to_hf_json(), ensure_ascii=False) + "\n")
+        atomic_write_text(d / HF_FILE, json.dumps(self.to_hf_json(), ensure_ascii=False) + "\n")
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000_000,
                   "clean_up_tokenization_spaces": False, "add_prefix_space": False,
                   "lmforge_tokenizer_hash": self.hash()}
@@ -470,7 +471,7 @@ class Tokenizer:
         config["additional_special_tokens"] = [s for s in self.special_tokens if s not in roles.values()]
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        _write_atomic(d / HF_CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        atomic_write_text(d / HF_CONFIG_FILE, json.dumps(config, indent=2) + "\n")
         return d / HF_FILE
 
 
@@ -488,15 +489,6 @@ def _bytes_to_unicode() -> dict[int, str]:
             out[b] = chr(256 + extra)
             extra += 1
     return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict:

@@ -68,7 +68,7 @@ def default_ns_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float32
     if device.type == "cpu":
-        from lmforge.train.runtime import cpu_has_fast_bf16
+        from lmforge.runtime import cpu_has_fast_bf16
         return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     return torch.float32
 

@@ -148,7 +148,7 @@ def build_model(pcfg: PretrainConfig, vocab_size: int):
 def run_pretrain(pcfg: PretrainConfig) -> dict:
     from lmforge.data.shards import load_shards
     from lmforge.tokenizer.tokenizer import Tokenizer
-    from lmforge.train import checkpoint as ckpt
+    from lmforge import checkpoint as ckpt
 
     if not pcfg.data:
         raise ConfigError("no token shards given (data=DIR, made by `lmforge data prepare`)", field="data")
@@ -162,8 +162,8 @@ def run_pretrain(pcfg: PretrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model, mcfg = build_model(pcfg, tokenizer.vocab_size)
     if pcfg.init_from:
-        ckpt.load_model_state(pcfg.init_from, model)
-    from lmforge.train.runtime import detect_device
+        ckpt.load(pcfg.init_from, model)
+    from lmforge.runtime import detect_device
     device = detect_device(cfg.device)
     sample_fn = _make_sampler(tokenizer, pcfg) if pcfg.sample_prompts else None
     task = PretrainTask(train_tokens, val_tokens, seq_len=pcfg.seq_len, batch_size=cfg.batch_size,

@@ -30,9 +30,9 @@ import torch
 from tqdm import tqdm
 
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.train import checkpoint as ckpt
+from lmforge import checkpoint as ckpt
 from lmforge.train.metrics import MetricsLog, plot_curves
-from lmforge.train.runtime import (Dist, all_reduce_mean, autocast, init_distributed, measured_peak_flops,
+from lmforge.runtime import (Dist, all_reduce_mean, autocast, init_distributed, measured_peak_flops,
                                    resolve_precision)
 
 
@@ -182,7 +182,7 @@ def _wrap_distributed(model: torch.nn.Module, cfg: TrainConfig, d: Dist, device:
 def _full_state_dict_model(model: torch.nn.Module, cfg: TrainConfig, d: Dist) -> torch.nn.Module:
     """The module whose state_dict() is the full (unsharded) weights; with FSDP gather them first."""
     if not (cfg.fsdp and d.enabled):
-        return ckpt._unwrap(model)
+        return ckpt.unwrap(model)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     # gathered copies no longer share storage: drop tied aliases (e.g. lm_head.weight) by name instead
@@ -213,7 +213,7 @@ def train(model: torch.nn.Module, task, cfg: TrainConfig, *, model_config: dict,
     step, tokens_seen, train_time = 0, 0, 0.0
     resume_state = None
     if cfg.resume and _has_checkpoint(ckpt_dir):
-        ckpt.load_model_state(ckpt_dir, model)
+        ckpt.load(ckpt_dir, model)
         resume_state, opt_state = ckpt.load_trainer_state(ckpt_dir)
         step, tokens_seen, train_time = resume_state["step"], resume_state["tokens"], resume_state["train_time"]
     raw_model = model
@@ -272,7 +272,7 @@ def train(model: torch.nn.Module, task, cfg: TrainConfig, *, model_config: dict,
         ts = {"step": step, "tokens": tokens_seen, "train_time": train_time, "rng": _rng_state(),
               "task": task.state_dict() if hasattr(task, "state_dict") else None,
               "config": asdict(cfg), "world_size": d.world_size}
-        ckpt.save_checkpoint(ckpt_dir, model=state_model, model_config=model_config, tokenizer=tokenizer,
+        ckpt.save(ckpt_dir, model=state_model, model_config=model_config, tokenizer=tokenizer,
                              generation_config=generation_config, trainer_state=ts, optimizer_state=opt_sd,
                              extra=extra_config)
 
@@ -361,7 +361,7 @@ def train(model: torch.nn.Module, task, cfg: TrainConfig, *, model_config: dict,
 
 def _has_checkpoint(path: Path) -> bool:
     try:
-        ckpt.resolve_checkpoint(path)
+        ckpt.resolve(path)
         return True
     except Exception:
         return False

@@ -1,0 +1,130 @@
+"""The lmforge checkpoint format: one directory per checkpoint, written atomically.
+
+    config.json              {"model": ModelConfig, "lmforge_version": ..., extra keys of the stage}
+    model.safetensors        weights (tied tensors stored once)
+    tokenizer/               lmforge tokenizer + HF tokenizer.json + chat template
+    generation_config.json   default sampling settings
+    trainer_state.json       for exact resume: step, RNG states, data position, metrics
+    optimizer.pt             for exact resume (read with weights_only=True: never unpickled objects)
+
+`save` writes everything into `DIR.tmp`, fsyncs, then swaps it in (lmforge.io.atomic_dir), so a crash mid-write
+leaves the previous good checkpoint in place — at `DIR`, or at `DIR.old` for the instant between the two renames,
+where `resolve` finds it too. This module is core: it knows no model class and no other format. The one loader
+that builds a model from a directory (this format or Hugging Face's) is `lmforge.load`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmforge import __version__
+from lmforge.errors import CheckpointError
+from lmforge.io import atomic_dir, write_json
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)          # DDP
+    return getattr(model, "_orig_mod", model)        # torch.compile
+
+
+def save(path: str | Path, *, model: torch.nn.Module, model_config: dict, tokenizer=None,
+         generation_config: dict | None = None, trainer_state: dict | None = None,
+         optimizer_state: dict | None = None, extra: dict | None = None,
+         state_dict: dict | None = None) -> Path:
+    """Write a checkpoint directory atomically. `state_dict` (default: the model's) lets a caller save a
+    different set of tensors, e.g. only the trainable ones."""
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        write_json(tmp / "config.json", {"model": model_config, "lmforge_version": __version__, **(extra or {})},
+                   sort_keys=True)
+        state = state_dict if state_dict is not None else unwrap(model).state_dict()
+        # safetensors refuses shared storage (tied embeddings): save each tensor once, contiguous
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        save_file(_dedupe_tied(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer")
+        write_json(tmp / "generation_config.json", generation_config or {}, sort_keys=True)
+        if trainer_state is not None:
+            write_json(tmp / "trainer_state.json", trainer_state, sort_keys=True)
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+    return path
+
+
+def _dedupe_tied(state: dict) -> dict:
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen and v.shape == state[seen[ptr]].shape:
+            continue  # tied weight; the model re-ties on load
+        seen[ptr] = k
+        out[k] = v
+    return out
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    try:
+        resolve(path)
+        return True
+    except CheckpointError:
+        return False
+
+
+def resolve(path: str | Path) -> Path:
+    """Accept a checkpoint dir or a run dir (→ run/checkpoint); fall back to `.old` after a crash mid-swap."""
+    path = Path(path)
+    for cand in (path, path / "checkpoint"):
+        if (cand / "model.safetensors").is_file() and (cand / "config.json").is_file():
+            return cand
+        old = cand.with_name(cand.name + ".old")
+        if not cand.exists() and (old / "model.safetensors").is_file():
+            return old
+    if not path.exists():
+        raise CheckpointError("checkpoint not found", file=str(path))
+    raise CheckpointError("not a checkpoint directory (no config.json + model.safetensors)", file=str(path))
+
+
+def read_config(path: str | Path) -> dict:
+    path = resolve(path)
+    try:
+        return json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"corrupt config.json: {e.msg}", file=str(path / "config.json"), line=e.lineno) from None
+
+
+def load(path: str | Path, model: torch.nn.Module, strict: bool = True) -> None:
+    """Load model.safetensors into `model`. strict=False allows tensors the model has but the file lacks (a
+    file of trainable tensors only); tensors the model does not know are always an error."""
+    path = resolve(path)
+    try:
+        state = load_file(str(path / "model.safetensors"))
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise CheckpointError(f"cannot read weights: {e}", file=str(path / "model.safetensors")) from None
+    missing, unexpected = unwrap(model).load_state_dict(state, strict=False)
+    missing = [k for k in missing if not _is_tied_alias(unwrap(model), k)] if strict else []
+    if missing or unexpected:
+        raise CheckpointError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}",
+                              file=str(path / "model.safetensors"))
+
+
+def _is_tied_alias(model: torch.nn.Module, key: str) -> bool:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    unique = dict(model.named_parameters())
+    return key in params and key not in unique
+
+
+def load_trainer_state(path: str | Path) -> tuple[dict, dict | None]:
+    """trainer_state.json and the optimizer state (loaded with weights_only=True: never unpickle objects)."""
+    path = resolve(path)
+    ts = path / "trainer_state.json"
+    if not ts.is_file():
+        raise CheckpointError("no trainer_state.json: this checkpoint cannot be resumed", file=str(path))
+    state = json.loads(ts.read_text())
+    opt = path / "optimizer.pt"
+    opt_state = torch.load(opt, map_location="cpu", weights_only=True) if opt.is_file() else None
+    return state, opt_state

@@ -108,7 +108,7 @@ def main():
     import jsonschema
 
     from lmforge.infer.constrained import Grammar
-    from lmforge.infer.generate import end_token_ids
+    from lmforge.infer.request import end_token_ids
 
     t = time.perf_counter()
     tok = build_tokenizer(args.vocab)

@@ -13,7 +13,7 @@ import torch
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer import constrained
 from lmforge.infer.constrained import Grammar
-from lmforge.infer.generate import end_token_ids
+from lmforge.infer.request import end_token_ids
 from lmforge.infer.sampling import SamplingParams, process_logits, sample
 from lmforge.model import ModelConfig, Transformer
 from lmforge.tokenizer.tokenizer import Tokenizer

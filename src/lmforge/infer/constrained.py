@@ -95,7 +95,7 @@ def _entry(tokenizer) -> _Entry:
         hit = _entries.get(key)
         if hit is not None and hit[0]() is tokenizer:
             return hit[1]
-    from lmforge.infer.generate import end_token_ids  # lazy: generate may import this module
+    from lmforge.infer.request import end_token_ids
     ends = end_token_ids(tokenizer)
     if not ends:
         raise ConfigError("constrained decoding needs a tokenizer with an end-of-sequence token")

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.model.transformer import _SDPA_GQA, Attention, Block, FeedForward, KVCache, RMSNorm, Transformer, \
+from lmforge.model.transformer import SDPA_GQA, Attention, Block, FeedForward, KVCache, RMSNorm, Transformer, \
     inference_weight
 
 
@@ -48,7 +48,7 @@ _NO_POSITIONS = torch.empty(0, dtype=torch.long)
 def supports(cfg) -> bool:
     """Whether FastDecoder computes exactly what Transformer.forward does for this config."""
     return (cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.ffn == "swiglu" and cfg.final_norm
-            and not (cfg.bias or cfg.qkv_bias or cfg.qk_norm) and (_SDPA_GQA or cfg.n_kv_heads == cfg.n_head))
+            and not (cfg.bias or cfg.qkv_bias or cfg.qk_norm) and (SDPA_GQA or cfg.n_kv_heads == cfg.n_head))
 
 
 def usable(model) -> bool:

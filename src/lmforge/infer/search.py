@@ -35,7 +35,10 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.infer.generate import GenerationResult, _prepare, _unwrap, generate_n
+from lmforge.checkpoint import unwrap
+from lmforge.infer.generate import generate_n
+from lmforge.infer.outputs import GenerationResult
+from lmforge.infer.request import prepare
 from lmforge.infer.sampling import SamplingParams, log_probs
 
 
@@ -231,9 +234,9 @@ def beam_search(model, tokenizer, prompt: str | Sequence[int], *, n_beams: int =
         raise ConfigError(f"must be a finite number, got {length_penalty!r}", field="length_penalty")
     if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
         raise ConfigError(f"must be true, false or 'never', got {early_stopping!r}", field="early_stopping")
-    model = _unwrap(model)
+    model = unwrap(model)
     # the same prompt handling, checks and end ids as generate()
-    req = _prepare(model, tokenizer, prompt,
+    req = prepare(model, tokenizer, prompt,
                    SamplingParams(max_tokens=max_tokens, stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos),
                    add_bos)
     ends = set(req.eos) | set(req.params.stop_token_ids)

@@ -48,8 +48,11 @@ import numpy as np
 import torch
 
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.infer.generate import (Delta, Detokenizer, GenerationResult, GenerationStream, _autocast, _prepare,
-                                    _Request, _unwrap, stop_check)
+from lmforge.checkpoint import unwrap
+from lmforge.infer.detokenize import Detokenizer, stop_check
+from lmforge.infer.outputs import Delta, GenerationResult, GenerationStream
+from lmforge.infer.request import Request, prepare
+from lmforge.runtime import autocast, resolve_precision
 from lmforge.infer.sampling import SamplingParams, gather_logprobs, log_probs, process_logits, sample
 
 
@@ -163,7 +166,7 @@ class _Draft:
     """A draft model with its own KV cache. The cache holds a prefix of the sequence; `propose` catches up on what
     is missing and then runs one token at a time."""
 
-    def __init__(self, model, req: _Request, max_len: int):
+    def __init__(self, model, req: Request, max_len: int):
         self.model, self.req = model, req
         self.max_seq = model.config.max_seq_len
         self.cache = model.new_kv_cache(1, max_len=min(self.max_seq, max_len))
@@ -198,7 +201,7 @@ class _Draft:
 # ---------------------------------------------------------------------------------------------------------------
 # the loop
 
-def _spec_decode(model, tokenizer, req: _Request, draft_model, lookahead: int, ngram: int, precision: str,
+def _spec_decode(model, tokenizer, req: Request, draft_model, lookahead: int, ngram: int, precision: str,
                  stats: SpecStats) -> Iterator[Delta]:
     params, prompt_ids = req.params, req.prompt_ids
     ends = set(req.eos) | set(params.stop_token_ids)
@@ -216,7 +219,7 @@ def _spec_decode(model, tokenizer, req: _Request, draft_model, lookahead: int, n
     for m in models:
         m.eval()
     try:
-        with torch.inference_mode(), _autocast(device, precision):
+        with torch.inference_mode(), autocast(device, resolve_precision(precision, device)):
             if len(seq) > 1:
                 model(torch.tensor([seq[:-1]], device=device), kv_cache=cache, logits_to_keep=1)
                 stats.target_forwards += 1
@@ -301,11 +304,11 @@ def speculative_generate(model, tokenizer, prompt: str | Sequence[int], params: 
         raise ConfigError(f"must be an integer >= 1, got {lookahead!r}", field="lookahead")
     if isinstance(ngram, bool) or not isinstance(ngram, int) or ngram < 1:
         raise ConfigError(f"must be an integer >= 1, got {ngram!r}", field="ngram")
-    model = _unwrap(model)
+    model = unwrap(model)
     if draft_model is not None:
-        draft_model = _unwrap(draft_model)
+        draft_model = unwrap(draft_model)
         check_draft(model, tokenizer, draft_model, draft_tokenizer)
-    req = _prepare(model, tokenizer, prompt, params, add_bos)
+    req = prepare(model, tokenizer, prompt, params, add_bos)
     stats = SpecStats()
     s = SpecStream(_spec_decode(model, tokenizer, req, draft_model, lookahead, ngram, precision, stats),
                    req.prompt_ids, stats)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from lmforge.model.config import ModelConfig
 
 # grouped-query attention inside SDPA (no K/V copies) arrived in torch 2.5
-_SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,9 +82,14 @@ CPU_MATMUL_ATTENTION = True
 class KVCache:
     """Preallocated keys/values for incremental decoding: (n_layer, batch, n_kv_heads, max_len, head_dim) each.
 
-    `pos` is the number of slots already filled (the same for every row of the batch; rows of different
-    lengths are handled with padding + an attention mask). The model writes slots [pos, pos+T) in every layer
-    and advances `pos` by T at the end of its forward. Set `pos` back to discard tokens (e.g. speculation).
+    `pos` is the write column: the model writes slots [pos, pos+T) of every row in every layer and advances
+    `pos` by T at the end of its forward. Set `pos` back to discard tokens (e.g. speculation).
+
+    Rows of different lengths share the write column by being right-aligned: row b's real tokens sit in
+    [pos - lengths[b], pos) and the columns before are padding, which an attention mask hides
+    (`padding_mask`). `lengths` is None while every row holds `pos` tokens. A continuously batched engine keeps
+    rows of different ages this way: `append_rows` adds freshly prefilled rows (aligned to the write column),
+    `select_rows` drops finished ones, `compact` and `reserve` keep the column range as short as the rows need.
     """
 
     def __init__(self, batch: int, max_len: int, n_layer: int, n_kv_heads: int, head_dim: int,
@@ -93,9 +98,11 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.batch, self.max_len, self.pos = batch, max_len, 0
+        self.lengths: torch.Tensor | None = None   # (batch,) int64 real tokens per row; None = pos for every row
 
     def reset(self) -> None:
         self.pos = 0
+        self.lengths = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v (B, n_kv, T, hd) at [pos, pos+T) of `layer`; return all keys/values [0, pos+T)."""
@@ -107,6 +114,27 @@ class KVCache:
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    # ---- rows of different lengths ----
+    def row_lengths(self) -> torch.Tensor:
+        if self.lengths is None:
+            return torch.full((self.batch,), self.pos, dtype=torch.long, device=self.k.device)
+        return self.lengths
+
+    def padded(self) -> bool:
+        """Whether some row has padding columns (then attention needs `padding_mask`)."""
+        return self.lengths is not None and bool((self.lengths != self.pos).any())
+
+    def padding_mask(self, extra: int = 0) -> torch.Tensor:
+        """(batch, pos + extra) bool: True on each row's real tokens; the `extra` columns about to be written
+        (the next forward's tokens) are real for every row."""
+        cols = torch.arange(self.pos + extra, device=self.k.device)
+        return cols[None, :] >= (self.pos - self.row_lengths())[:, None]
+
+    def grow(self, tokens: int) -> None:
+        """Count `tokens` more real tokens in every row (after a forward that wrote them for all rows)."""
+        if self.lengths is not None:
+            self.lengths = self.lengths + tokens
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep batch rows `rows` (in that order, repeats allowed): fan a prompt out to n completions, drop
         finished rows, reorder beams. Copies only the filled slots into a cache of the same max_len."""
@@ -115,7 +143,69 @@ class KVCache:
         v = torch.zeros_like(k)
         k[:, :, :, :self.pos] = self.k[:, :, :, :self.pos].index_select(1, rows)
         v[:, :, :, :self.pos] = self.v[:, :, :, :self.pos].index_select(1, rows)
+        if self.lengths is not None:
+            self.lengths = self.lengths.index_select(0, rows)
         self.k, self.v, self.batch = k, v, len(rows)
+
+    def compact(self) -> None:
+        """Drop the leading columns that are padding in every row (rows left since they were needed)."""
+        if self.batch == 0:
+            self.pos = 0
+            return
+        shift = self.pos - int(self.row_lengths().max())
+        if shift > 0:
+            self._move(-shift)
+
+    def reserve(self, columns: int) -> None:
+        """Make room for `columns` more writes: compact, then reallocate if the cache is still too short."""
+        self.compact()
+        if self.pos + columns > self.max_len:
+            self._resize(self.pos + columns)
+
+    def append_rows(self, other: "KVCache") -> None:
+        """Add the rows of `other` (filled up to its own pos) after this cache's rows, right-aligned to this
+        cache's write column. Make room with `reserve` afterwards for what the rows will still write."""
+        a, b = self.k.shape, other.k.shape
+        if (a[0], a[2], a[4], self.k.dtype) != (b[0], b[2], b[4], other.k.dtype):
+            raise ValueError("append_rows: caches of different models")
+        if other.pos > self.pos:     # the newcomers are longer than the write column: make room on the left
+            self._move(other.pos - self.pos)
+        lengths = torch.cat([self.row_lengths(), other.row_lengths()])
+        shape = list(self.k.shape)
+        shape[1] = other.batch
+        start = self.pos - other.pos
+        for name in ("k", "v"):
+            extra = getattr(self, name).new_zeros(shape)
+            extra[:, :, :, start:self.pos] = getattr(other, name)[:, :, :, :other.pos]
+            setattr(self, name, torch.cat([getattr(self, name), extra], dim=1))
+        self.batch += other.batch
+        self.lengths = lengths
+
+    def _move(self, shift: int) -> None:
+        """Shift every row's filled columns by `shift` (< 0: left, dropping leading padding; > 0: right, adding
+        it) and the write column with them."""
+        pos = self.pos + shift
+        if pos > self.max_len:
+            self._resize(pos)
+        lo = max(0, -shift)
+        for name in ("k", "v"):
+            t = getattr(self, name)
+            moved = t[:, :, :, lo:self.pos].clone()
+            if shift > 0:
+                t.zero_()    # the new leading padding must hold finite values (masked: weight 0, but 0 * NaN = NaN)
+            t[:, :, :, lo + shift:pos] = moved
+        lengths = self.row_lengths()
+        self.pos = pos
+        self.lengths = lengths
+
+    def _resize(self, max_len: int) -> None:
+        for name in ("k", "v"):
+            t = getattr(self, name)
+            new = t.new_zeros(t.shape[:3] + (max_len,) + t.shape[4:])
+            n = min(self.pos, max_len)
+            new[:, :, :, :n] = t[:, :, :, :n]
+            setattr(self, name, new)
+        self.max_len = max_len
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,7 +341,7 @@ class Attention(nn.Module):
                 scores = scores.masked_fill(~attn_mask, float("-inf"))
             p = scores.softmax(-1, dtype=torch.float32).to(v.dtype)
             y = (F.dropout(p, dropout_p) if dropout_p else p) @ v
-        elif self.n_kv_heads != self.n_head and _SDPA_GQA:
+        elif self.n_kv_heads != self.n_head and SDPA_GQA:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                is_causal=is_causal, enable_gqa=True)
         else:

@@ -170,7 +170,8 @@ class Engine:
         aborted, self._aborted = self._aborted, []
         model = self.model
         was_training = model.training
-        model.eval()
+        if was_training:          # (a module-tree walk: only when needed, not on every step)
+            model.eval()
         try:
             with torch.inference_mode(), autocast(self.device, self._precision):
                 if self._live:
@@ -179,7 +180,8 @@ class Engine:
                 if admitted:
                     self._prefill(admitted, outs)
         finally:
-            model.train(was_training)
+            if was_training:
+                model.train()
         return aborted + outs
 
     # ---- batches run to completion (loops over step) ----

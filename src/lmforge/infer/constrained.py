@@ -84,7 +84,8 @@ _entries_lock = threading.Lock()
 
 def _lib():
     if llguidance is None:
-        raise ConfigError("constrained decoding needs the llguidance package: pip install 'lmforge[constrained]'")
+        raise ConfigError("constrained decoding needs the llguidance package (a dependency of lmforge): "
+                          "pip install llguidance")
     return llguidance
 
 

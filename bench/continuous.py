@@ -70,9 +70,8 @@ def params(new: int):
     return SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
 
 
-def serve_continuous(engine, reqs, max_batch: int):
+def serve_continuous(engine, reqs):
     """Requests join between steps once their arrival time has passed."""
-    engine.max_batch = max_batch
     t0 = time.perf_counter()
     finish, tokens, nxt = {}, {}, 0
     while nxt < len(reqs) or engine.has_unfinished():
@@ -128,8 +127,9 @@ def main():
     torch.set_num_threads(args.threads)
     model = build_model()
     engine = Engine(model, IdTokenizer(8192))
+    cont = Engine(model, IdTokenizer(8192), max_batch=args.max_batch)
     reqs = workload(args.requests, args.arrival_ms, args.seed)
-    modes = {"continuous": lambda: serve_continuous(engine, reqs, args.max_batch),
+    modes = {"continuous": lambda: serve_continuous(cont, reqs),
              f"static x{args.static_batch}": lambda: serve_batches(engine, reqs, args.static_batch),
              "sequential": lambda: serve_batches(engine, reqs, 1)}
     engine.generate([reqs[0][1]], params(8))    # warm-up (and the native step's first build)

@@ -1,4 +1,4 @@
-"""P7 — constrained decoding (../shared/BENCH.md): per-token cost of JSON-schema-constrained generation vs
+"""P7 — constrained decoding (protocol: docs/bench.md): per-token cost of JSON-schema-constrained generation vs
 unconstrained generation on the same model, same prompt, same number of tokens. Goal: overhead ≤ 10%.
 
     python bench/constrained.py [--runs 8] [--threads 2]

@@ -1,4 +1,4 @@
-"""P4/P5 — decoding speed (../shared/BENCH.md): lmforge's engine vs `transformers.generate` on the same weights.
+"""P4/P5 — decoding speed (protocol: docs/bench.md): lmforge's engine vs `transformers.generate` on the same weights.
 
     python bench/decode.py                 # both sizes, batch 1 / 8 / 32
     python bench/decode.py --sizes 9M --batches 1

@@ -14,7 +14,7 @@ not sample-equal, so the outputs differ). Prompts: Psalm 136 (every verse ends "
 ever": repetition prompt lookup can copy) and two ordinary openings. Each row is the median of --repeats
 interleaved runs; tokens/s counts generated tokens over wall time, prefill included.
 
-CPU timings here are noisy when other jobs share the machine; compare ratios within one run.
+CPU timings here are noisy when other jobs share the machine; compare ratios within one run (docs/bench.md).
 """
 from __future__ import annotations
 

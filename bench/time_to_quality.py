@@ -1,4 +1,4 @@
-"""P2 — time to quality (../shared/BENCH.md): validation bits per byte after ≤180 s of training, vs nanoGPT.
+"""P2 — time to quality (protocol: docs/bench.md): validation bits per byte after ≤180 s of training, vs nanoGPT.
 
 Data: King James Bible verse texts joined with "\\n"; first 90% of characters train, last 10% val (nanoGPT's
 shakespeare_char split rule). Metric: total NLL (nats) over the WHOLE val split / ln 2 / val UTF-8 bytes, for both

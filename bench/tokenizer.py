@@ -1,4 +1,4 @@
-"""P1: BPE training and encoding speed, lmforge vs Hugging Face `tokenizers` and `rustbpe` (see shared BENCH.md).
+"""P1: BPE training and encoding speed, lmforge vs Hugging Face `tokenizers` and `rustbpe` (protocol: docs/bench.md).
 
     python bench/tokenizer.py [--vocab-size 8192] [--repeats 5] [--threads 2]
 

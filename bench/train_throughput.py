@@ -1,4 +1,4 @@
-"""P3 — training throughput (../shared/BENCH.md): tokens/s and MFU, lmforge vs nanoGPT's model, same shapes.
+"""P3 — training throughput (protocol: docs/bench.md): tokens/s and MFU, lmforge vs nanoGPT's model, same shapes.
 
     python bench/train_throughput.py --nanogpt /path/to/nanoGPT    # a clone of github.com/karpathy/nanoGPT
 

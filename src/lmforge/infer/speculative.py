@@ -34,9 +34,12 @@ string / budget ends the generation there; what the target accepted beyond it is
 caps K, so the caches never hold more than generate()'s would. A stream yields one Delta per verification step
 (all the tokens it emitted), where generate() yields one per token; the text joins up the same.
 
-Where it pays (bench/speculative.py, 1 CPU thread): prompt lookup under greedy decoding, 1.1-3x, since a verify
-pass over K+1 tokens costs ~1.4x a one-token pass. With sampling at temperature 0.8 lookup is rarely accepted
-and costs ~10-20%. A draft model pays only at high acceptance: on CPU its forward pass is far from free.
+Where it pays: a verify pass over K+1 tokens costs more than one plain decode step, so speculation wins only when
+enough proposals are accepted per pass to outweigh that, and when a plain step is expensive and memory-bound
+(large models, GPUs). Prompt lookup pays most under greedy decoding on text that repeats its input; under
+sampling its proposals are rarely accepted and it costs a little. A draft model pays only at high acceptance,
+since its own forward passes are far from free. Small models on CPU, whose plain decode step is one native call
+per token (lmforge.infer.native), usually decode faster without speculation. Measured numbers: bench/speculative.py.
 """
 from __future__ import annotations
 

@@ -168,10 +168,3 @@ def write_report(out: Path, r: dict) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def cmd_quickstart(args) -> int:
-    from lmforge.config import load_config
-    cfg = load_config(QuickstartConfig, args.recipe or default_recipe(), list(args.overrides))
-    run_quickstart(cfg, args.out)
-    return 0

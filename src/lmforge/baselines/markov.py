@@ -422,65 +422,18 @@ def markov_sweep(data_dir, orders=(1, 2, 3, 4, 5), smoothing: str = "kn", k: flo
     return rows
 
 
-def _fmt_big(v: int) -> str:
+def format_big(v: int) -> str:
+    """A count for a table: digits with commas, or scientific notation once it is too long to read."""
     return f"{v:,}" if v < 10 ** 7 else f"{v:.2e}"
 
 
 def format_sweep(rows: list[dict]) -> str:
     """A plain-text (and markdown) table of markov_sweep rows."""
     head = ["order", "contexts", "n-grams", "table MB", "|V|^(n-1)", "val ctx seen", "val bits/byte", "train s"]
-    body = [[str(r["order"]), _fmt_big(r["contexts"]), _fmt_big(r["ngrams"]), f"{r['table_mb']:.2f}",
-             _fmt_big(r["possible_contexts"]), f"{100 * r['val_context_seen']:.1f}%", f"{r['val_bpb']:.4f}",
+    body = [[str(r["order"]), format_big(r["contexts"]), format_big(r["ngrams"]), f"{r['table_mb']:.2f}",
+             format_big(r["possible_contexts"]), f"{100 * r['val_context_seen']:.1f}%", f"{r['val_bpb']:.4f}",
              f"{r['train_seconds']:.2f}"] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(head), "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|",
                       *(line(b) for b in body)])
-
-
-def _parse_orders(text: str) -> list[int]:
-    try:
-        orders = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"--orders must be a comma-separated list of integers, got {text!r}",
-                          field="orders") from None
-    if not orders or min(orders) < 1:
-        raise ConfigError(f"--orders must list orders >= 1, got {text!r}", field="orders")
-    return orders
-
-
-def cmd_train(args) -> int:
-    train, _, vocab_size, bos_id, _ = load_data(args.data)
-    if args.max_tokens is not None:
-        train = train[:args.max_tokens]
-    t0 = time.perf_counter()
-    model = MarkovModel.fit(train, args.order, vocab_size, bos_id, args.smoothing, args.k, progress=True)
-    seconds = time.perf_counter() - t0
-    model.save(args.out)
-    st = model.table_stats()
-    print(f"order {st['order']} {st['smoothing']} model on {st['train_tokens']:,} tokens in {seconds:.1f}s: "
-          f"{st['contexts']:,} contexts (of {_fmt_big(st['possible_contexts'])} possible), "
-          f"{st['ngrams']:,} n-grams, {st['bytes'] / 2 ** 20:.2f} MB -> {args.out}")
-    return 0
-
-
-def cmd_eval(args) -> int:
-    rows = markov_sweep(args.data, _parse_orders(args.orders), args.smoothing, args.k,
-                        max_train_tokens=args.max_tokens, progress=True)
-    print(format_sweep(rows))
-    return 0
-
-
-def cmd_sample(args) -> int:
-    from lmforge.tokenizer.tokenizer import Tokenizer  # lazy: only this verb needs it
-
-    model = MarkovModel.load(args.model)
-    tok = Tokenizer.load(args.tokenizer)
-    tok_vocab = getattr(tok, "vocab_size", None)
-    if tok_vocab is not None and int(tok_vocab) != model.vocab_size:
-        raise CheckpointError(f"tokenizer vocab size {tok_vocab} differs from the model's {model.vocab_size}",
-                              file=str(args.tokenizer))
-    prompt = tok.encode(args.prompt) if args.prompt else []
-    ids = model.sample([model.bos_id, *prompt], args.tokens, seed=args.seed, temperature=args.temperature)
-    print((args.prompt or "") + tok.decode(ids))
-    return 0

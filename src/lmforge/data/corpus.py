@@ -353,34 +353,3 @@ def progress_bar(total_bytes: int, desc: str, enabled: bool = True):
 def warn(message: str) -> None:
     from tqdm import tqdm
     tqdm.write(f"lmforge: warning: {message}", file=sys.stderr)
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-def cmd_list(args) -> int:
-    """`lmforge data list`: the built-in corpora as an aligned table."""
-    rows, builtins = [("NAME", "WHAT", "DOCS", "SIZE", "SOURCE (LICENSE)")], list_builtins()
-    for b in builtins:
-        if b["available"]:
-            docs, size = f"{b['documents']:,}", _human(b["approx_bytes"])
-        else:
-            docs, size = "-", "not installed"
-        rows.append((b["name"], b["description"], docs, size, f"{b['source']} ({b['license']})"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        cells = [c.rjust(w) if i in (2, 3) and r is not rows[0] else c.ljust(w)
-                 for i, (c, w) in enumerate(zip(r, widths))]
-        print("  ".join(cells).rstrip())
-    for b in builtins:
-        if not b["available"]:
-            print(f"{b['name']}: {b['error']}")
-    return 0
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"

@@ -113,7 +113,7 @@ def prepare_shards(corpus, tokenizer, out_dir, val_fraction: float = 0.1, seed: 
                    progress: bool = True, split: str = "random") -> dict:
     """Tokenize `corpus` (a Corpus) with `tokenizer` into OUT/{train,val}.bin + meta.json; return the meta.
     split: 'random' or 'tail' (see the module docstring)."""
-    _check_options(val_fraction, out_dir, split)
+    check_options(val_fraction, out_dir, split)
     out = Path(out_dir)
     vocab_size, bos = int(tokenizer.vocab_size), int(tokenizer.bos_id)
     dtype = token_dtype(vocab_size)
@@ -231,7 +231,7 @@ def _split_single(text: str, tokenizer, writers: dict, val_fraction: float) -> N
         w.flush()
 
 
-def _check_options(val_fraction: float, out_dir, split: str = "random") -> None:
+def check_options(val_fraction: float, out_dir, split: str = "random") -> None:
     """Bad options fail before any tokenizing; never overwrite something that is not a shard directory."""
     if split not in SPLIT_RULES:
         raise ConfigError(f"split must be one of {', '.join(SPLIT_RULES)}, got {split!r}", field="split")
@@ -286,31 +286,3 @@ def load_shards(data_dir, tokenizer_hash: str | None = None) -> tuple[np.ndarray
                             file=str(path))
         arrays.append(np.memmap(path, dtype=dtype, mode="r") if expected else np.zeros(0, dtype))
     return arrays[0], arrays[1], meta
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-def cmd_prepare(args) -> int:
-    """`lmforge data prepare --input SRC... --tokenizer DIR --out DIR`: write shards, print a summary."""
-    from lmforge.data.corpus import Corpus
-    from lmforge.tokenizer.tokenizer import Tokenizer
-    _check_options(args.val_fraction, args.out, args.split)
-    corpus = Corpus(args.input, text_field=args.text_field, skip_bad_lines=args.skip_bad_lines)
-    tokenizer = Tokenizer.load(args.tokenizer)
-    t0 = time.time()
-    meta = prepare_shards(corpus, tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
-                          split=args.split)
-    seconds = time.time() - t0
-    print(f"wrote {args.out}/ (train.bin, val.bin, meta.json; {meta['dtype']}) in {seconds:.1f} s")
-    rows = [("split", "docs", "tokens", "bytes", "bytes/token")]
-    for split in SPLITS:
-        s = meta[split]
-        rows.append((split, f"{s['documents']:,}", f"{s['tokens']:,}", f"{s['bytes']:,}",
-                     f"{s['bytes'] / max(s['tokens'], 1):.2f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for r in rows:
-        print("  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]))
-    if meta["single_document_split"]:
-        print("note: the corpus is a single document; its tail was held out as val")
-    return 0

@@ -1,7 +1,22 @@
-"""`lmforge eval ...` verbs."""
+"""`lmforge eval ...`: their arguments and what they run."""
 from __future__ import annotations
 
 from lmforge.errors import ConfigError
+from lmforge.verbs import Verb, add_device_option
+
+
+def bpb_arguments(p) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR")
+    p.add_argument("--data", required=True, metavar="DIR", help="token shards (the val split is scored)")
+    p.add_argument("--split", default="val", choices=["val", "train"])
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max_seq_len)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="estimate from about N tokens in windows spread over the split")
+    p.add_argument("--stride", type=int, default=None,
+                   help="sliding window: windows every STRIDE tokens, each target scored once with >= seq_len - "
+                        "STRIDE tokens of context (default: seq_len, no overlap)")
+    add_device_option(p, help=None)
 
 
 def cmd_bpb(args) -> int:
@@ -36,3 +51,8 @@ def _split_bytes(meta: dict, split: str):
         return int(meta[split]["bytes"])
     except (KeyError, TypeError, ValueError):
         return None
+
+
+VERBS = [
+    Verb(("eval", "bpb"), "bits per byte over a whole validation split", bpb_arguments, cmd_bpb),
+]

@@ -1,18 +1,75 @@
-"""`lmforge generate`: one prompt, every sampling parameter, and the ways to spend more compute on it.
+"""`lmforge generate | attention | inspect`: their arguments and what they run.
 
+generate: one prompt, every sampling parameter, and the ways to spend more compute on it.
 Plain: stream one completion (or --n of them, batched after one prefill). Structured: --json-schema / --regex /
 --choices constrain the text to a grammar. Search: --best-of N (highest mean logprob), --self-consistency N
 (majority answer), --beam K. Faster: --draft-checkpoint DIR or --lookahead K (speculative decoding; prompt
 lookup when no draft is given). The modes are exclusive; bad combinations are one-line errors (exit 2).
+
+attention / inspect: seeing inside a model (lmforge.infer.inspect): attention heat maps, the next-token
+distribution, per-token logprobs of a continuation.
 """
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.verbs import Verb, add_device_option
+
+
+def _checkpoint_option(p) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint (or run) directory")
+
+
+# ---- generate -------------------------------------------------------------------------------------------
+def generate_arguments(p) -> None:
+    _checkpoint_option(p)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    # sampling: unset options come from the checkpoint's generation_config.json, else SamplingParams defaults
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="HF-style, > 1 discourages repeats")
+    p.add_argument("--presence-penalty", type=float, default=None, help="OpenAI-style, in [-2, 2]")
+    p.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI-style, in [-2, 2]")
+    p.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=None,
+                   help="most tokens to generate (default 256)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop before this text (repeatable); it is never printed")
+    p.add_argument("--seed", type=int, default=None, help="seed: same seed, same output")
+    p.add_argument("--stop-token-id", type=int, action="append", default=None, metavar="ID",
+                   help="also stop at this token id (repeatable)")
+    p.add_argument("--min-tokens", type=int, default=None, help="no EOS/stop token before this many tokens")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past EOS (until the budget)")
+    p.add_argument("--logit-bias", action="append", default=None, metavar="ID=BIAS",
+                   help="add BIAS to token ID's logit (repeatable)")
+    p.add_argument("--logprobs", type=int, default=None, metavar="K",
+                   help="print each token's logprob and the K most likely alternatives (stderr)")
+    p.add_argument("--logprobs-mode", default=None, choices=["raw", "processed"],
+                   help="logprobs of the model's distribution (raw, default) or the one sampled from")
+    p.add_argument("--n", type=int, default=None, help="number of completions (batched after one prefill)")
+    # structured output (one of)
+    p.add_argument("--json-schema", default=None, metavar="FILE", help="the text is JSON valid under this schema")
+    p.add_argument("--regex", default=None, help="the text fully matches this regular expression")
+    p.add_argument("--choices", nargs="+", default=None, metavar="TEXT", help="the text is exactly one of these")
+    # test-time compute (one of)
+    p.add_argument("--best-of", type=int, default=None, metavar="N", help="sample N, print the highest mean logprob")
+    p.add_argument("--self-consistency", type=int, default=None, metavar="N",
+                   help="sample N, print one with the most common final number")
+    p.add_argument("--beam", type=int, default=None, metavar="K", help="beam search with K beams")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length^this")
+    # speculative decoding
+    p.add_argument("--draft-checkpoint", default=None, metavar="DIR", help="a small model with the same tokenizer")
+    p.add_argument("--lookahead", type=int, default=None, metavar="K",
+                   help="tokens proposed per step (speculative; without a draft: prompt lookup)")
+    p.add_argument("--no-stream", action="store_true", help="print the text once, at the end")
+    add_device_option(p)
+    p.add_argument("--precision", default="fp32", help="fp32 (default) | bf16 | fp16 | auto (autocast)")
 
 
 def _show_token(tokenizer, i: int) -> str:
@@ -162,4 +219,76 @@ def _summary(n_tokens: int, t0: float, what: str) -> int:
     return 0
 
 
-__all__ = ["cmd_generate", "LmforgeError"]
+# ---- attention, inspect ---------------------------------------------------------------------------------
+def attention_arguments(p) -> None:
+    _checkpoint_option(p)
+    p.add_argument("--prompt", required=True, help="text whose attention to draw")
+    p.add_argument("--layer", type=int, default=None, help="only this layer (0-based)")
+    p.add_argument("--head", type=int, default=None, help="only this head (0-based)")
+    p.add_argument("--out", required=True, metavar="FILE.png", help="image to write (.png, .pdf or .svg)")
+    add_device_option(p)
+
+
+def cmd_attention(args) -> int:
+    import lmforge
+    from lmforge.infer.inspect import attention_maps, pick_indices, plot_attention
+
+    if not args.prompt:
+        raise LmforgeError("is empty", field="prompt")
+    model, tokenizer = lmforge.load(args.checkpoint, device=args.device)
+    cfg = model.config
+    pick_indices(cfg.n_layer, args.layer, "layer")  # check before the forward pass
+    pick_indices(cfg.n_head, args.head, "head")
+    tokens, attn = attention_maps(model, tokenizer, args.prompt)
+    title = f"attention: {args.prompt[:60]!r}" + ("…" if len(args.prompt) > 60 else "")
+    out = plot_attention(tokens, attn, args.out, layer=args.layer, head=args.head, title=title)
+    rows = 1 if args.layer is not None else cfg.n_layer
+    cols = 1 if args.head is not None else cfg.n_head
+    print(f"wrote {out} ({rows} layer(s) x {cols} head(s), {len(tokens)} tokens)")
+    return 0
+
+
+def inspect_arguments(p) -> None:
+    _checkpoint_option(p)
+    p.add_argument("--prompt", required=True, help="text to condition on")
+    p.add_argument("--continuation", default=None, help="text to score after the prompt")
+    p.add_argument("--top-k", type=int, default=10, help="how many next tokens to show (default 10)")
+    add_device_option(p)
+
+
+def cmd_inspect(args) -> int:
+    import lmforge
+    from lmforge.infer.inspect import checked_ids, continuation_logprobs, next_token_topk
+
+    if not args.prompt:
+        raise LmforgeError("is empty", field="prompt")
+    if args.continuation is not None and not args.continuation:
+        raise LmforgeError("is empty", field="continuation")
+    if args.top_k < 1:
+        raise ConfigError(f"must be >= 1, got {args.top_k}", field="top_k")
+    model, tokenizer = lmforge.load(args.checkpoint, device=args.device)
+    top = next_token_topk(model, tokenizer, args.prompt, k=args.top_k)
+    n_prompt = len(checked_ids(tokenizer, args.prompt, "prompt", True))
+    print(f"prompt: {n_prompt} tokens (BOS included)")
+    print(f"next token, top {len(top)}:")
+    for rank, t in enumerate(top, 1):
+        print(f"  {rank:>3}. {t.token!r:<20} p={t.prob:.4f}  logprob={t.logprob:.4f}")
+    if args.continuation is not None:
+        c = continuation_logprobs(model, tokenizer, args.prompt, args.continuation)
+        print(f"continuation: {len(c.token_ids)} tokens")
+        for tid, label, lp in zip(c.token_ids, c.tokens, c.logprobs):
+            print(f"  {label!r:<20} id={tid:<7} logprob={lp:.4f}  p={math.exp(lp):.4f}")
+        print(f"total logprob {c.total:.4f}, mean {c.mean:.4f} (perplexity {c.perplexity:.3f})")
+    sys.stdout.flush()
+    return 0
+
+
+VERBS = [
+    Verb(("generate",), "generate text from a checkpoint (streams to the terminal)", generate_arguments,
+         cmd_generate),
+    # seeing inside: attention maps, next-token probabilities, continuation logprobs
+    Verb(("attention",), "draw attention heat maps of a prompt (all layers x heads, or one map with --layer and "
+         "--head)", attention_arguments, cmd_attention),
+    Verb(("inspect",), "top-k next tokens after a prompt, and per-token logprobs of a continuation",
+         inspect_arguments, cmd_inspect),
+]

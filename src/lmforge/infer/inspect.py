@@ -17,7 +17,6 @@ at the boundary.
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +30,9 @@ from lmforge.errors import ConfigError, LmforgeError
 # ---------------------------------------------------------------------------------------------------------------
 # text -> ids, checked
 
-def _ids(model, tokenizer, text: str | Sequence[int], what: str, add_bos: bool) -> list[int]:
+def checked_ids(tokenizer, text: str | Sequence[int], what: str, add_bos: bool) -> list[int]:
+    """The ids of `text` (a string, or ids checked against the vocabulary), BOS first when add_bos and the
+    tokenizer has one; empty input is an error naming the field `what`."""
     if isinstance(text, str):
         if not text:
             raise LmforgeError("is empty", field=what)
@@ -92,7 +93,7 @@ def attention_maps(model, tokenizer, prompt: str | Sequence[int], *, add_bos: bo
 
     Row i of a map is where token i looks: a distribution over tokens 0..i (causal), summing to 1.
     """
-    ids = _ids(model, tokenizer, prompt, "prompt", add_bos)
+    ids = checked_ids(tokenizer, prompt, "prompt", add_bos)
     _check_fits(model, len(ids), "prompt")
     _, _, attns = _forward(model, ids, return_attn=True, logits_to_keep=1)
     attn = torch.stack([a[0] for a in attns]).float().cpu()  # [L, H, T, T]
@@ -114,7 +115,8 @@ def figure_size(n_tokens: int, n_rows: int, n_cols: int) -> tuple[float, float]:
     return n_cols * cell + 1.2, n_rows * cell + 0.8
 
 
-def _pick(n: int, index: int | None, name: str) -> list[int]:
+def pick_indices(n: int, index: int | None, name: str) -> list[int]:
+    """All of range(n) when index is None, else [index], checked (an error naming the field `name`)."""
     if index is None:
         return list(range(n))
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
@@ -139,7 +141,7 @@ def plot_attention(tokens: Sequence[str], attn: torch.Tensor, out: str | Path, *
     L, H, T, _ = attn.shape
     if len(tokens) != T:
         raise ValueError(f"{len(tokens)} token labels for {T} positions")
-    layers, heads = _pick(L, layer, "layer"), _pick(H, head, "head")
+    layers, heads = pick_indices(L, layer, "layer"), pick_indices(H, head, "head")
     if out.suffix.lower().lstrip(".") not in IMAGE_FORMATS:
         raise LmforgeError(f"cannot write a {out.suffix or 'suffix-less'} image; use .png (or .pdf, .svg)",
                            field="out")
@@ -197,7 +199,7 @@ def next_token_topk(model, tokenizer, prompt: str | Sequence[int], k: int = 10, 
     """The k most likely next tokens after `prompt` (raw model distribution), most likely first."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"must be an integer >= 1, got {k!r}", field="top_k")
-    ids = _ids(model, tokenizer, prompt, "prompt", add_bos)
+    ids = checked_ids(tokenizer, prompt, "prompt", add_bos)
     _check_fits(model, len(ids), "prompt")
     logits, _ = _forward(model, ids, logits_to_keep=1)
     lp = _raw_log_probs(model, tokenizer, logits[0, -1])
@@ -222,9 +224,9 @@ class ContinuationLogprobs:
 def continuation_logprobs(model, tokenizer, prompt: str | Sequence[int], continuation: str | Sequence[int], *,
                           add_bos: bool = True) -> ContinuationLogprobs:
     """Per-token logprobs of `continuation` given `prompt`, from one forward pass over prompt + continuation."""
-    p_ids = _ids(model, tokenizer, prompt, "prompt", add_bos)
+    p_ids = checked_ids(tokenizer, prompt, "prompt", add_bos)
     _check_fits(model, len(p_ids), "prompt")
-    c_ids = _ids(model, tokenizer, continuation, "continuation", False)
+    c_ids = checked_ids(tokenizer, continuation, "continuation", False)
     _check_fits(model, len(p_ids) + len(c_ids), "continuation")
     logits, _ = _forward(model, p_ids + c_ids)
     # position t predicts token t + 1: the continuation's tokens are predicted from the last prompt position on
@@ -233,51 +235,3 @@ def continuation_logprobs(model, tokenizer, prompt: str | Sequence[int], continu
     total = math.fsum(got)
     return ContinuationLogprobs(p_ids, c_ids, [token_label(tokenizer, i) for i in c_ids], got, total,
                                 total / len(got))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# CLI verbs
-
-def _load(args):
-    import lmforge
-    return lmforge.load(args.checkpoint, device=args.device)
-
-
-def cmd_attention(args) -> int:
-    if not args.prompt:
-        raise LmforgeError("is empty", field="prompt")
-    model, tokenizer = _load(args)
-    cfg = model.config
-    _pick(cfg.n_layer, args.layer, "layer")  # check before the forward pass
-    _pick(cfg.n_head, args.head, "head")
-    tokens, attn = attention_maps(model, tokenizer, args.prompt)
-    title = f"attention: {args.prompt[:60]!r}" + ("…" if len(args.prompt) > 60 else "")
-    out = plot_attention(tokens, attn, args.out, layer=args.layer, head=args.head, title=title)
-    rows = 1 if args.layer is not None else cfg.n_layer
-    cols = 1 if args.head is not None else cfg.n_head
-    print(f"wrote {out} ({rows} layer(s) x {cols} head(s), {len(tokens)} tokens)")
-    return 0
-
-
-def cmd_inspect(args) -> int:
-    if not args.prompt:
-        raise LmforgeError("is empty", field="prompt")
-    if args.continuation is not None and not args.continuation:
-        raise LmforgeError("is empty", field="continuation")
-    if args.top_k < 1:
-        raise ConfigError(f"must be >= 1, got {args.top_k}", field="top_k")
-    model, tokenizer = _load(args)
-    top = next_token_topk(model, tokenizer, args.prompt, k=args.top_k)
-    n_prompt = len(_ids(model, tokenizer, args.prompt, "prompt", True))
-    print(f"prompt: {n_prompt} tokens (BOS included)")
-    print(f"next token, top {len(top)}:")
-    for rank, t in enumerate(top, 1):
-        print(f"  {rank:>3}. {t.token!r:<20} p={t.prob:.4f}  logprob={t.logprob:.4f}")
-    if args.continuation is not None:
-        c = continuation_logprobs(model, tokenizer, args.prompt, args.continuation)
-        print(f"continuation: {len(c.token_ids)} tokens")
-        for tid, label, lp in zip(c.token_ids, c.tokens, c.logprobs):
-            print(f"  {label!r:<20} id={tid:<7} logprob={lp:.4f}  p={math.exp(lp):.4f}")
-        print(f"total logprob {c.total:.4f}, mean {c.mean:.4f} (perplexity {c.perplexity:.3f})")
-    sys.stdout.flush()
-    return 0

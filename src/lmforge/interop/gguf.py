@@ -274,9 +274,3 @@ def export_gguf(checkpoint: str | Path, out: str | Path, qtype: str = "f16", *, 
         raise
     os.replace(tmp, out)
     return out
-
-
-def cmd_export_gguf(args) -> int:
-    path = export_gguf(args.checkpoint, args.out, args.type)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {args.type})")
-    return 0

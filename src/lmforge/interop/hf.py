@@ -503,18 +503,3 @@ def _check_out(out: str | Path, marker: str) -> None:
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / marker).is_file()):
         raise ConfigError("exists and is not a model directory: refusing to replace it", file=str(out),
                           field="out")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# CLI verbs
-
-def cmd_import_hf(args) -> int:
-    path = import_hf(args.source, args.out, dtype=args.dtype)
-    print(f"wrote lmforge checkpoint {path}")
-    return 0
-
-
-def cmd_export_hf(args) -> int:
-    path = export_hf(args.checkpoint, args.out)
-    print(f"wrote Hugging Face model {path} (AutoModelForCausalLM / AutoTokenizer.from_pretrained)")
-    return 0

@@ -1,4 +1,4 @@
-"""`lmforge tokenizer train | encode | stats` — the verbs behind the parser defined in lmforge/cli.py.
+"""`lmforge tokenizer train | encode | stats`: their arguments and what they run.
 
     lmforge tokenizer train --input python-docs kjv --vocab-size 4096 --out runs/tok
     lmforge tokenizer encode --tokenizer runs/tok "How many r's are in strawberry?"
@@ -9,10 +9,13 @@ from __future__ import annotations
 import random
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from lmforge.errors import ConfigError
-from lmforge.tokenizer.stats import format_table, measure, pad, total_of
-from lmforge.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
+from lmforge.verbs import Verb, add_source_options
+
+if TYPE_CHECKING:
+    from lmforge.tokenizer.tokenizer import Tokenizer
 
 SAMPLE_DOCS, SAMPLE_DOC_CHARS = 1000, 100_000   # training-data sample used for the bytes/token figure
 EXAMPLE_WORDS = [" strawberry", " tokenization", " 1234567", " 你好世界"]  # splits shown by `stats`
@@ -32,9 +35,22 @@ def render_tokens(tok: Tokenizer, ids: list[int], color: bool) -> str:
 
 
 # ---- train ----------------------------------------------------------------------------------------------
+def train_arguments(p) -> None:
+    p.add_argument("--input", nargs="+", required=True, metavar="SRC",
+                   help="built-in corpus name or a file/directory (.txt .md .jsonl .parquet)")
+    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size including 256 bytes and specials")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write the tokenizer")
+    p.add_argument("--pattern", default="gpt4",
+                   help="pre-split regex: 'gpt4' (default), 'gpt2', or a regex of your own")
+    p.add_argument("--min-frequency", type=int, default=2, help="stop when the best pair occurs fewer times")
+    add_source_options(p)
+
+
 def cmd_train(args) -> int:
     from lmforge.data.corpus import Corpus
     from lmforge.tokenizer.bpe import resolve_pattern
+    from lmforge.tokenizer.stats import measure, total_of
+    from lmforge.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
 
     min_vocab = 256 + len(SPECIAL_TOKENS)
     if args.vocab_size < min_vocab:
@@ -93,7 +109,14 @@ def cmd_train(args) -> int:
 
 
 # ---- encode ---------------------------------------------------------------------------------------------
+def encode_arguments(p) -> None:
+    p.add_argument("--tokenizer", required=True, metavar="DIR")
+    p.add_argument("text", help="text to encode ('-' reads standard input)")
+
+
 def cmd_encode(args) -> int:
+    from lmforge.tokenizer.tokenizer import Tokenizer
+
     tok = Tokenizer.load(args.tokenizer)
     text = sys.stdin.read() if args.text == "-" else args.text
     ids = tok.encode(text)
@@ -106,8 +129,16 @@ def cmd_encode(args) -> int:
 
 
 # ---- stats ----------------------------------------------------------------------------------------------
+def stats_arguments(p) -> None:
+    p.add_argument("--tokenizer", required=True, metavar="DIR")
+    p.add_argument("inputs", nargs="+", metavar="SRC")
+    add_source_options(p)
+
+
 def cmd_stats(args) -> int:
     from lmforge.data.corpus import Corpus
+    from lmforge.tokenizer.stats import format_table, measure, pad, total_of
+    from lmforge.tokenizer.tokenizer import Tokenizer
 
     tok = Tokenizer.load(args.tokenizer)
     corpus = Corpus(args.inputs, text_field=args.text_field, skip_bad_lines=args.skip_bad_lines)
@@ -124,3 +155,11 @@ def cmd_stats(args) -> int:
         ids = tok.encode(word)
         print(f"  {pad(repr(word), 16)} {len(ids):2} tokens  {render_tokens(tok, ids, color)}")
     return 0
+
+
+VERBS = [
+    Verb(("tokenizer", "train"), "train a byte-level BPE tokenizer", train_arguments, cmd_train),
+    Verb(("tokenizer", "encode"), "show ids and token boundaries of a text", encode_arguments, cmd_encode),
+    Verb(("tokenizer", "stats"), "bytes/token, chars/token and tokens per 1000 chars, per file and per script",
+         stats_arguments, cmd_stats),
+]

@@ -158,12 +158,12 @@ def _vocab_metadata(writer, tok, n_vocab: int) -> None:
     """tokenizer.ggml.*: GPT-2 byte-level BPE in llama.cpp's terms."""
     import gguf
 
-    from lmforge.tokenizer.tokenizer import _bytes_to_unicode
+    from lmforge.tokenizer.tokenizer import bytes_to_unicode
     pre = PRE_TOKENIZERS.get(tok.pattern)
     if pre is None:
         raise ConfigError("the tokenizer's split regex has no llama.cpp pre-tokenizer (supported: GPT-4/Llama 3's "
                           "-> llama-bpe, Qwen2's -> qwen2, GPT-2's -> gpt-2)", field="tokenizer.pattern")
-    b2u = _bytes_to_unicode()
+    b2u = bytes_to_unicode()
     tokens, types = [], []
     for i in range(n_vocab):
         if i >= tok.vocab_size:  # the model's vocabulary may be padded beyond the tokenizer's

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError, read_json_object
 from lmforge.tokenizer.bpe import GPT2_PATTERN
-from lmforge.tokenizer.tokenizer import NORMALIZERS, Tokenizer, _bytes_to_unicode
+from lmforge.tokenizer.tokenizer import NORMALIZERS, Tokenizer, bytes_to_unicode
 
 SUPPORTED = ("byte-level BPE tokenizer.json (model BPE without byte_fallback; pre-tokenizer ByteLevel with its "
              "regex [GPT-2] or Split regex + ByteLevel [Llama 3, Qwen2]; normalizer none or NFC)")
@@ -64,7 +64,7 @@ def read_hf_tokenizer(directory: str | Path) -> Tokenizer:
         specials[t["content"]] = t["id"]
     special_ids = set(specials.values())
 
-    u2b = {c: b for b, c in _bytes_to_unicode().items()}
+    u2b = {c: b for b, c in bytes_to_unicode().items()}
 
     def to_bytes(s: str) -> bytes:
         try:

@@ -434,7 +434,7 @@ class Tokenizer:
         becomes the special id there; set `tok.encode_special_tokens = True` (tokenizers) or
         `split_special_tokens=True` (transformers) for exactly our plain-text behaviour.
         """
-        b2u = _bytes_to_unicode()
+        b2u = bytes_to_unicode()
         as_str = {i: ''.join(b2u[b] for b in tb) for i, tb in enumerate(self._token_bytes) if not self.is_special(i)}
         return {
             "version": "1.0",
@@ -476,7 +476,7 @@ class Tokenizer:
 
 
 @lru_cache(maxsize=1)
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode char map (HF byte-level BPE vocab strings use it):
     printable latin-1 bytes map to themselves, the other 68 bytes to chars from U+0100 upward."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \

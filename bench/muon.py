@@ -25,7 +25,7 @@ from train_driver import BOS, VOCAB, synthetic_stream  # noqa: E402
 from lmforge.model.config import get_preset  # noqa: E402
 from lmforge.model.transformer import Transformer  # noqa: E402
 from lmforge.train.metrics import read_metrics  # noqa: E402
-from lmforge.train.pretrain import PretrainTask  # noqa: E402
+from lmforge.stages.pretrain import PretrainTask  # noqa: E402
 from lmforge.train.trainer import TrainConfig, train  # noqa: E402
 
 

@@ -49,7 +49,7 @@ def train_model(name: str, tok, ids: np.ndarray, seconds: float, size: dict, out
     from lmforge.eval.bpb import token_byte_lengths
     from lmforge.model.config import ModelConfig
     from lmforge.model.transformer import Transformer
-    from lmforge.train.pretrain import PretrainTask
+    from lmforge.stages.pretrain import PretrainTask
     from lmforge.train.trainer import TrainConfig, train
 
     torch.manual_seed(0)

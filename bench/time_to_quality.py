@@ -94,7 +94,7 @@ def run_lmforge(train_text: str, val_text: str, work: Path, args) -> dict:
     from lmforge.model.config import get_preset
     from lmforge.model.transformer import Transformer
     from lmforge.tokenizer.tokenizer import Tokenizer
-    from lmforge.train.pretrain import PretrainTask
+    from lmforge.stages.pretrain import PretrainTask
     from lmforge.train.trainer import TrainConfig, train
 
     t0 = time.perf_counter()

@@ -70,7 +70,7 @@ def test_shipped_recipes_validate():
     from lmforge.config import load_config
     from lmforge.model.config import get_preset
     from lmforge.quickstart import QuickstartConfig, default_recipe
-    from lmforge.train.pretrain import PretrainConfig
+    from lmforge.stages.pretrain import PretrainConfig
     q = load_config(QuickstartConfig, default_recipe())
     get_preset(q.pretrain.model.preset, **q.pretrain.model.overrides)
     g = load_config(PretrainConfig, Path(default_recipe()).with_name("gpu-124m.yaml"))

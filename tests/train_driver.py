@@ -15,7 +15,7 @@ from lmforge.config import build, parse_overrides
 from lmforge.model.config import get_preset
 from lmforge.model.transformer import Transformer
 from lmforge.train.metrics import read_metrics
-from lmforge.train.pretrain import PretrainTask
+from lmforge.stages.pretrain import PretrainTask
 from lmforge.train.trainer import TrainConfig, train
 
 VOCAB, BOS = 64, 63

@@ -70,7 +70,7 @@ def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    module, func = "lmforge.train.pretrain:cmd_pretrain".split(":")
+    module, func = "lmforge.stages.pretrain:cmd_pretrain".split(":")
     return getattr(importlib.import_module(module), func)(args)
 
 

@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from lmforge.errors import ConfigError
-from lmforge.train.pretrain import PretrainConfig
+from lmforge.stages.pretrain import PretrainConfig
 
 
 @dataclass
@@ -50,7 +50,7 @@ def run_quickstart(cfg: QuickstartConfig, out: str | Path, progress: bool = True
     from lmforge.data.corpus import Corpus
     from lmforge.data.shards import prepare_shards
     from lmforge.tokenizer.tokenizer import Tokenizer
-    from lmforge.train.pretrain import run_pretrain
+    from lmforge.stages.pretrain import run_pretrain
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

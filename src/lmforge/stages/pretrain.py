@@ -10,6 +10,7 @@ exactly the batches the uninterrupted run would have seen:
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,7 +180,7 @@ def run_pretrain(pcfg: PretrainConfig) -> dict:
                     extra_config={"stage": "pretrain", "data": str(pcfg.data)},
                     generation_config=GENERATION_DEFAULTS)
     summary.update(params=n, wall_time=time.time() - t0)
-    if int(__import__("os").environ.get("RANK", 0)) == 0:
+    if int(os.environ.get("RANK", 0)) == 0:
         (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 

@@ -15,7 +15,7 @@ from lmforge.errors import ConfigError
 from lmforge.interop.gguf import export_gguf, quantize_q4_0, quantize_q8_0
 from lmforge.model import ModelConfig, Transformer
 from lmforge.model.transformer import apply_rope, rope_cos_sin, rope_inv_freq
-from lmforge.tokenizer.tokenizer import Tokenizer, _bytes_to_unicode
+from lmforge.tokenizer.tokenizer import Tokenizer, bytes_to_unicode
 from lmforge.checkpoint import save as save_checkpoint
 from test_tokenizer import reference
 
@@ -142,7 +142,7 @@ def test_export_reader_roundtrip(qtype, tmp_path):
     assert field(r, "tokenizer.ggml.model") == "gpt2" and field(r, "tokenizer.ggml.pre") == "llama-bpe"
     tokens, types = field(r, "tokenizer.ggml.tokens"), field(r, "tokenizer.ggml.token_type")
     assert len(tokens) == len(types) == cfg.vocab_size
-    b2u = _bytes_to_unicode()
+    b2u = bytes_to_unicode()
     for i in range(tok.vocab_size):
         if tok.is_special(i):
             assert (tokens[i], types[i]) == (tok.token_str(i), gguf.TokenType.CONTROL)

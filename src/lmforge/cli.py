@@ -18,6 +18,7 @@ from lmforge.verbs import Verb
 
 # the packages' verb lists, in the order `lmforge --help` shows them (after quickstart)
 VERB_MODULES = [
+    "lmforge.stages.cli",      # pretrain
     "lmforge.eval.cli",        # eval bpb
     "lmforge.infer.cli",       # generate, attention, inspect
     "lmforge.data.cli",        # data list, data prepare
@@ -58,28 +59,8 @@ QUICKSTART = Verb(("quickstart",), "run the end-to-end pipeline on built-in data
                   _quickstart_arguments, _run_quickstart)
 
 
-# pretrain (interim): its verb moves to lmforge/stages/cli.py once lmforge/stages/pretrain.py exists
-def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", default=None, help="YAML recipe (keys of PretrainConfig)")
-    p.add_argument("--data", default=None, metavar="DIR", help="token shards (lmforge data prepare)")
-    p.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer (default: DATA/tokenizer)")
-    p.add_argument("--out", default=None, metavar="DIR", help="run directory (train.out_dir)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same as train.resume=true)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="e.g. model.preset=cpu-small train.max_steps=500 train.lr=3e-3")
-
-
-def _run_pretrain(args: argparse.Namespace) -> int:
-    module, func = "lmforge.stages.pretrain:cmd_pretrain".split(":")
-    return getattr(importlib.import_module(module), func)(args)
-
-
-PRETRAIN = Verb(("pretrain",), "pretrain a Transformer on token shards (torchrun-aware: DDP/FSDP)",
-                _pretrain_arguments, _run_pretrain)
-
-
 def all_verbs() -> list[Verb]:
-    verbs = [QUICKSTART, PRETRAIN]
+    verbs = [QUICKSTART]
     for name in VERB_MODULES:
         verbs += importlib.import_module(name).VERBS
     return verbs

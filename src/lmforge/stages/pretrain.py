@@ -192,20 +192,3 @@ def _make_sampler(tokenizer, pcfg: PretrainConfig):
         params = SamplingParams(temperature=0.8, top_k=50, max_tokens=pcfg.sample_tokens, seed=0)
         return [p + generate(model, tokenizer, p, params).text for p in pcfg.sample_prompts]
     return sample
-
-
-def cmd_pretrain(args) -> int:
-    from lmforge.config import load_config
-    over = list(args.overrides)
-    for flag, key in ((args.data, "data"), (args.tokenizer, "tokenizer"), (args.out, "train.out_dir")):
-        if flag:
-            over.insert(0, f"{key}={flag}")
-    if args.resume:
-        over.append("train.resume=true")
-    pcfg = load_config(PretrainConfig, args.recipe, over)
-    s = run_pretrain(pcfg)
-    print(f"pretrain: {s['step']} steps, {s['tokens']:,} tokens in {s['train_time']:.1f}s "
-          f"({s['tokens'] / max(s['train_time'], 1e-9):,.0f} tok/s, {s['precision']}); "
-          f"val loss {s.get('val_loss', float('nan')):.4f}, val bpb {s.get('val_bpb', float('nan')):.4f}; "
-          f"checkpoint {s['checkpoint']}")
-    return 0

@@ -1,0 +1,43 @@
+"""`lmforge pretrain`: its arguments and what it runs.
+
+    lmforge pretrain --data runs/data --out runs/pretrain model.preset=cpu-small train.max_steps=500
+    torchrun --nproc_per_node=8 -m lmforge pretrain --data runs/data --out runs/pretrain   # DDP (or FSDP)
+"""
+from __future__ import annotations
+
+from lmforge.verbs import Verb
+
+
+def pretrain_arguments(p) -> None:
+    p.add_argument("--recipe", default=None, help="YAML recipe (keys of PretrainConfig)")
+    p.add_argument("--data", default=None, metavar="DIR", help="token shards (lmforge data prepare)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer (default: DATA/tokenizer)")
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory (train.out_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same as train.resume=true)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="e.g. model.preset=cpu-small train.max_steps=500 train.lr=3e-3")
+
+
+def cmd_pretrain(args) -> int:
+    from lmforge.config import load_config
+    from lmforge.stages.pretrain import PretrainConfig, run_pretrain
+
+    over = list(args.overrides)
+    for flag, key in ((args.data, "data"), (args.tokenizer, "tokenizer"), (args.out, "train.out_dir")):
+        if flag:
+            over.insert(0, f"{key}={flag}")
+    if args.resume:
+        over.append("train.resume=true")
+    pcfg = load_config(PretrainConfig, args.recipe, over)
+    s = run_pretrain(pcfg)
+    print(f"pretrain: {s['step']} steps, {s['tokens']:,} tokens in {s['train_time']:.1f}s "
+          f"({s['tokens'] / max(s['train_time'], 1e-9):,.0f} tok/s, {s['precision']}); "
+          f"val loss {s.get('val_loss', float('nan')):.4f}, val bpb {s.get('val_bpb', float('nan')):.4f}; "
+          f"checkpoint {s['checkpoint']}")
+    return 0
+
+
+VERBS = [
+    Verb(("pretrain",), "pretrain a Transformer on token shards (torchrun-aware: DDP/FSDP)", pretrain_arguments,
+         cmd_pretrain),
+]

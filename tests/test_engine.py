@@ -7,7 +7,7 @@ import torch
 
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.engine import Engine
-from lmforge.infer.generate import generate, generate_n
+from lmforge.infer.engine import generate, generate_n
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import ModelConfig, Transformer
 from lmforge.tokenizer.tokenizer import Tokenizer

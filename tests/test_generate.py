@@ -10,7 +10,7 @@ from lmforge.cli import main
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge import load
 from lmforge.infer.detokenize import Detokenizer
-from lmforge.infer.generate import generate, generate_n
+from lmforge.infer.engine import generate, generate_n
 from lmforge.infer.sampling import SamplingParams, process_logits, sample
 from lmforge.model import KVCache, ModelConfig, Transformer
 from lmforge.tokenizer.bpe import resolve_pattern

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import lmforge
 from lmforge.cli import main
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.infer.generate import generate
+from lmforge.infer.engine import generate
 from lmforge.infer.sampling import SamplingParams
 from lmforge.interop.hf import export_hf, hf_config, import_hf, load_hf
 from lmforge.interop.hf_tokenizer import read_hf_tokenizer

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.infer.generate import generate, generate_n
+from lmforge.infer.engine import generate, generate_n
 from lmforge.infer.outputs import GenerationResult
 from lmforge.infer.sampling import SamplingParams, TokenLogprob
 from lmforge.infer.search import beam_search, best_of_n, last_number, self_consistency

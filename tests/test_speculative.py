@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.infer.generate import generate
+from lmforge.infer.engine import generate
 from lmforge.infer.sampling import SamplingParams, log_probs, process_logits
 from lmforge.infer.speculative import SpecResult, ngram_proposal, speculative_generate, verify
 from lmforge.model import ModelConfig, Transformer

@@ -112,7 +112,7 @@ def run_quickstart(cfg: QuickstartConfig, out: str | Path, progress: bool = True
 
 
 def _samples(ckpt_dir, prompts, n_tokens) -> list[str]:
-    from lmforge.infer.generate import generate
+    from lmforge.infer.engine import generate
     from lmforge.infer.sampling import SamplingParams
     import lmforge
     model, tok = lmforge.load(ckpt_dir, device="cpu")

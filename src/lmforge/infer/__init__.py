@@ -1,9 +1,25 @@
 """Inference: one validated sampling parameter object (sampling.py), the step-driven engine with continuous
-batching (engine.py), and `generate` for one prompt (generate.py), a loop over the engine."""
-from lmforge.infer.sampling import SamplingParams, TokenLogprob, process_logits, sample
-from lmforge.infer.outputs import Delta, GenerationResult, RequestOutput
-from lmforge.infer.engine import Engine
-from lmforge.infer.generate import generate, generate_n
+batching and `generate` for one prompt (engine.py), requests, outputs and the streaming detokenizer.
 
-__all__ = ["SamplingParams", "TokenLogprob", "process_logits", "sample", "Delta", "GenerationResult",
-           "RequestOutput", "Engine", "generate", "generate_n"]
+    from lmforge.infer import Engine, SamplingParams, generate
+
+The names are loaded on first use, so importing a submodule that needs no torch (the CLI's verb table in
+infer/cli.py) stays light.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "SamplingParams": "sampling", "TokenLogprob": "sampling", "process_logits": "sampling", "sample": "sampling",
+    "params_from_generation_config": "sampling",
+    "Delta": "outputs", "GenerationResult": "outputs", "GenerationStream": "outputs", "RequestOutput": "outputs",
+    "Engine": "engine", "generate": "engine", "generate_n": "engine",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"lmforge.infer.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'lmforge.infer' has no attribute {name!r}")

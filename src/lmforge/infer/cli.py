@@ -126,7 +126,8 @@ def _print_logprobs(tokenizer, logprobs) -> None:
 def cmd_generate(args) -> int:
     import lmforge
     from lmforge import checkpoint
-    from lmforge.infer.generate import generate, params_from_generation_config
+    from lmforge.infer.engine import generate
+    from lmforge.infer.sampling import params_from_generation_config
     from lmforge.interop.hf import is_hf_dir
 
     search = {"--best-of": args.best_of, "--self-consistency": args.self_consistency, "--beam": args.beam,

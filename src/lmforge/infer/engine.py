@@ -24,7 +24,7 @@ count real tokens only). The cache is compacted and grown on admission, so it st
 
 Each row samples with its own SamplingParams and its own seeded generator (`seed + completion index`): a request
 gives the same tokens alone, in any batch, and whenever it joins. `start()` / `generate()` (a list of prompts run
-to completion) and `lmforge.infer.generate()` (one prompt) are loops over `step()`.
+to completion) and `generate()` (one prompt, at the end of this module) are loops over `step()`.
 
 A `constraint` (a `lmforge.infer.constrained.Grammar`) masks a row's logits to what its grammar allows; the row
 stops when the grammar is complete. The raw logprobs stay the model's own (unconstrained) distribution.
@@ -48,7 +48,7 @@ from lmforge.errors import ConfigError
 from lmforge.infer.detokenize import Detokenizer, stop_check
 from lmforge.infer.fastpath import FastDecoder
 from lmforge.infer.fastpath import usable as fastpath_usable
-from lmforge.infer.outputs import Delta, GenerationResult, RequestOutput
+from lmforge.infer.outputs import Delta, GenerationResult, GenerationStream, RequestOutput
 from lmforge.infer.request import Request, end_token_ids, prepare
 from lmforge.infer.sampling import SamplingParams, gather_logprobs, log_probs, process_logits, sample
 from lmforge.runtime import autocast, resolve_precision
@@ -430,4 +430,35 @@ def _per_prompt(value, n: int, name: str) -> list:
     return [value] * n
 
 
-__all__ = ["Engine", "Run", "RequestOutput"]
+
+# ---------------------------------------------------------------------------------------------------------------
+# one prompt: a batch of one
+
+def generate(model, tokenizer, prompt: str | Sequence[int], params: SamplingParams | None = None,
+             stream: bool = False, *, add_bos: bool | None = None, precision: str = "fp32", constraint=None):
+    """Generate one completion of `prompt` (text, or token ids) with the engine (a batch of one).
+
+    stream=False: returns a GenerationResult. stream=True: returns a GenerationStream of Deltas.
+    add_bos: text prompts get the tokenizer's BOS first (as documents in pretraining do) unless False;
+    id prompts get it only when True. precision: 'fp32' (default, exact), 'bf16', 'fp16' or 'auto' (autocast).
+    constraint: a `constrained.Grammar` (JSON schema, regex, choices) the text must follow.
+    Errors the user can fix (prompt too long, ids outside the vocabulary, n > 1) raise LmforgeError at the call.
+    """
+    params = params or SamplingParams()
+    if params.n != 1:
+        raise ConfigError("generate() makes one completion; use generate_n() for n > 1", field="n")
+    run = Engine(model, tokenizer, precision=precision).start([prompt], params, constraint=constraint,
+                                                               add_bos=add_bos)
+    s = GenerationStream((d for _, _, d in run), run.prompt_ids[0])
+    return s if stream else s.consume()
+
+
+def generate_n(model, tokenizer, prompt: str | Sequence[int], params: SamplingParams, *,
+               add_bos: bool | None = None, precision: str = "fp32", constraint=None) -> list[GenerationResult]:
+    """params.n completions of one prompt: one prefill, then the n rows decode as a batch; completion i uses
+    seed + i (when seeded), so each equals what generate() gives with that seed."""
+    return Engine(model, tokenizer, precision=precision).generate([prompt], params, constraint=constraint,
+                                                                 add_bos=add_bos)[0]
+
+
+__all__ = ["Engine", "Run", "RequestOutput", "generate", "generate_n"]

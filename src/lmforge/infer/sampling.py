@@ -30,13 +30,15 @@ Logprobs are computed with log_softmax in fp32. `logprobs_mode` picks which dist
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from lmforge.errors import ConfigError
+from lmforge.errors import CheckpointError, ConfigError
 
 LOGPROBS_MODES = ("raw", "processed")
 MAX_ABS_LOGIT_BIAS = 100.0   # OpenAI's range for logit_bias values
@@ -386,3 +388,36 @@ def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> 
     else:
         tops = [[] for _ in chosen]
     return [TokenLogprob(int(t), lp, top) for t, lp, top in zip(token_ids.tolist(), chosen, tops)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# default sampling settings of a model directory
+
+GENERATION_CONFIG_KEYS = {"max_new_tokens": "max_tokens"}  # HF name -> ours; our own names pass through
+
+
+def params_from_generation_config(path: str | Path, defaults: dict | None = None, **overrides) -> SamplingParams:
+    """SamplingParams from `defaults`, then a checkpoint's generation_config.json (the keys we know), then
+    `overrides` that are not None (command-line flags)."""
+    names = {f.name for f in dataclasses.fields(SamplingParams)}
+    gc_file = Path(path) / "generation_config.json"
+    values = dict(defaults or {})
+    if gc_file.is_file():
+        try:
+            gc = json.loads(gc_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"corrupt JSON: {e.msg}", file=str(gc_file), line=e.lineno) from None
+        for k, v in (gc.items() if isinstance(gc, dict) else []):
+            k = GENERATION_CONFIG_KEYS.get(k, k)
+            if k in names and k not in ("n", "seed", "logprobs"):
+                values[k] = v
+        if gc.get("do_sample") is False:
+            values["temperature"] = 0.0
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values.update(given)
+    try:
+        return SamplingParams(**values)
+    except ConfigError as e:
+        if e.field is not None and e.field.split(".")[0] not in given:
+            e.file = str(gc_file)  # the bad value came from the checkpoint, not the command line
+        raise

@@ -36,7 +36,7 @@ import torch
 
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.checkpoint import unwrap
-from lmforge.infer.generate import generate_n
+from lmforge.infer.engine import generate_n
 from lmforge.infer.outputs import GenerationResult
 from lmforge.infer.request import prepare
 from lmforge.infer.sampling import SamplingParams, log_probs

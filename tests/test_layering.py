@@ -44,7 +44,7 @@ ALLOWED: dict[str, set[str]] = {
     "serve":     {"data", "tokenizer", "model", "quant", "infer", "eval", "interop", "rag"},
 }
 # The core: top-level modules lmforge/<name>.py at the bottom of the house. They import only each other.
-CORE = {"errors", "config", "io", "runtime", "checkpoint", "verbs"}
+CORE = {"errors", "config", "io", "runtime", "checkpoint", "verbs", "version"}
 # The front door may import anything: the package root (lmforge/__init__.py, which defines lmforge.load), these
 # top-level modules, and every lmforge/<package>/cli.py (verb handlers).
 FRONT_DOOR_TOP = {"cli", "__main__", "quickstart"}

@@ -101,7 +101,7 @@ def test_speculative_prompt_lookup_is_greedy_identical(ckpt, capsys):
     (["--json-schema", "missing.json"], "JSON schema file not found"),
     (["--regex", "(unclosed"], "regex"),
     (["--logit-bias", "5:1"], "expected TOKEN_ID=BIAS"),
-    (["--beam", "0"], "at least 1"),
+    (["--beam", "0"], "argument --beam: must be >= 1"),
 ])
 def test_bad_combinations_are_one_line_errors(ckpt, capsys, extra, message):
     if any(a in extra for a in ("--regex", "--json-schema")):

@@ -15,13 +15,16 @@ that builds a model from a directory (this format or Hugging Face's) is `lmforge
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmforge import __version__
-from lmforge.errors import CheckpointError
+from lmforge.version import __version__
+from lmforge.errors import CheckpointError, read_json_object
 from lmforge.io import atomic_dir, write_json
 
 
@@ -44,15 +47,62 @@ def save(path: str | Path, *, model: torch.nn.Module, model_config: dict, tokeni
         state = state_dict if state_dict is not None else unwrap(model).state_dict()
         # safetensors refuses shared storage (tied embeddings): save each tensor once, contiguous
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        save_file(_dedupe_tied(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(_dedupe_tied(state), tmp / "model.safetensors", metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer")
         write_json(tmp / "generation_config.json", generation_config or {}, sort_keys=True)
         if trainer_state is not None:
             write_json(tmp / "trainer_state.json", trainer_state, sort_keys=True)
         if optimizer_state is not None:
-            torch.save(optimizer_state, tmp / "optimizer.pt")
+            torch_save(optimizer_state, tmp / "optimizer.pt")
     return path
+
+
+def save_safetensors(state: dict, path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with its I/O failures as the OSError they are (so lmforge.io reports them)."""
+    try:
+        save_file(state, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as e:  # SafetensorError("... I/O error: File too large (os error 27)")
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
+def torch_save(obj, path: Path) -> None:
+    """torch.save, with a failed write raised as the OSError behind it: torch itself only reports
+    "unexpected pos", so the file object records the error its write met."""
+    with open(path, "wb") as f:
+        w = _RecordingWriter(f)
+        try:
+            torch.save(obj, w)
+        except RuntimeError:
+            if w.error is None:
+                raise
+            raise OSError(w.error.errno, w.error.strerror, str(path)) from None
+
+
+class _RecordingWriter:
+    """A binary file that remembers the OSError of a failed write or flush."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        return self._call(self.f.write, data)
+
+    def flush(self) -> None:
+        self._call(self.f.flush)
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as e:
+            self.error = self.error or e
+            raise
 
 
 def _dedupe_tied(state: dict) -> dict:
@@ -101,15 +151,29 @@ def load(path: str | Path, model: torch.nn.Module, strict: bool = True) -> None:
     """Load model.safetensors into `model`. strict=False allows tensors the model has but the file lacks (a
     file of trainable tensors only); tensors the model does not know are always an error."""
     path = resolve(path)
+    file = str(path / "model.safetensors")
     try:
-        state = load_file(str(path / "model.safetensors"))
+        state = load_file(file)
     except Exception as e:  # safetensors raises its own error types for truncated files
-        raise CheckpointError(f"cannot read weights: {e}", file=str(path / "model.safetensors")) from None
+        raise CheckpointError(f"cannot read weights: {e}", file=file) from None
+    check_shapes({k: v.shape for k, v in state.items()},
+                 {k: v.shape for k, v in unwrap(model).state_dict().items()}, file)
     missing, unexpected = unwrap(model).load_state_dict(state, strict=False)
     missing = [k for k in missing if not _is_tied_alias(unwrap(model), k)] if strict else []
     if missing or unexpected:
         raise CheckpointError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}",
-                              file=str(path / "model.safetensors"))
+                              file=file)
+
+
+def check_shapes(found: dict, expected: dict, file: str) -> None:
+    """A CheckpointError naming the first tensor whose shape differs from the model's (a checkpoint of another
+    model size, or a config.json that disagrees with the weights), instead of load_state_dict's wall of text.
+    Both mappings go from tensor name to a shape (a torch.Size or any sequence of ints)."""
+    for name, shape in found.items():
+        want = expected.get(name)
+        if want is not None and tuple(shape) != tuple(want):
+            raise CheckpointError(f"tensor '{name}' has shape {list(shape)} but the model expects {list(want)}: "
+                                  "the weights are of another model (check config.json)", file=file)
 
 
 def _is_tied_alias(model: torch.nn.Module, key: str) -> bool:
@@ -124,7 +188,14 @@ def load_trainer_state(path: str | Path) -> tuple[dict, dict | None]:
     ts = path / "trainer_state.json"
     if not ts.is_file():
         raise CheckpointError("no trainer_state.json: this checkpoint cannot be resumed", file=str(path))
-    state = json.loads(ts.read_text())
+    state = read_json_object(ts)
     opt = path / "optimizer.pt"
-    opt_state = torch.load(opt, map_location="cpu", weights_only=True) if opt.is_file() else None
+    if not opt.is_file():
+        return state, None
+    try:
+        opt_state = torch.load(opt, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        # truncated or corrupt (PytorchStreamReader failed reading zip archive ...), or not torch's format
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]   # torch's first sentence
+        raise CheckpointError(f"cannot read the optimizer state ({why})", file=str(opt)) from None
     return state, opt_state

@@ -13,7 +13,7 @@ import os
 import sys
 
 from lmforge import __version__
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.verbs import Verb
 
 # the packages' verb lists, in the order `lmforge --help` shows them (after quickstart)
@@ -66,8 +66,17 @@ def all_verbs() -> list[Verb]:
     return verbs
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors (a missing option, a value out of its declared range) raised as a
+    ConfigError: main() prints them as the same one line as every other error (exit code 2, as argparse's),
+    pointing at --help instead of printing the usage block."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see: {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lmforge", description="Take a language model through its whole life, on a laptop CPU or many GPUs.")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     top = parser.add_subparsers(dest="verb", metavar="VERB")
@@ -91,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         rc = args._verb.run(args)
     except LmforgeError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)

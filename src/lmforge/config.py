@@ -28,6 +28,13 @@ def load_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError("recipe file not found", file=str(path)) from None
+    except IsADirectoryError:
+        raise ConfigError("is a directory, not a YAML recipe file", file=str(path)) from None
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ConfigError("not a text file (invalid UTF-8): a recipe is YAML", file=str(path), line=line) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror or e}", file=str(path)) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -64,8 +71,11 @@ def parse_overrides(items: list[str]) -> dict:
             raise ConfigError(f"override '{item}' has an empty key")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        except yaml.YAMLError as e:
+            if raw.lstrip().startswith(("{", "[")):  # meant as a mapping / list: say what is wrong with it
+                problem = getattr(e, "problem", None) or "invalid YAML"
+                raise ConfigError(f"invalid YAML value {raw!r}: {problem}", field=key) from None
+            value = raw  # plain text that happens not to be YAML (e.g. a regex): the string itself
         d = out
         parts = key.split(".")
         for p in parts[:-1]:
@@ -107,7 +117,7 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
         (inner, *_) = get_args(tp) or (Any,)
         items = [_coerce(v, inner, field) for v in value]
         return items if origin is list else tuple(items)
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"expected a mapping, got {value!r}", field=field)
         return dict(value)

@@ -47,6 +47,11 @@ class CheckpointError(LmforgeError):
     """A missing or unreadable checkpoint / tokenizer directory."""
 
 
+class WriteError(LmforgeError):
+    """An output that cannot be written (disk full, file too large, permission denied, a file in the way).
+    Raised by lmforge.io, which has removed the partial output and kept the previous one."""
+
+
 def read_json_object(path, missing: str = "file not found") -> dict:
     """The JSON object in `path`, or a CheckpointError naming the file (and line) for a missing, unreadable or
     malformed file; `missing` is the message when the file does not exist."""

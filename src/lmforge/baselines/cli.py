@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.verbs import Verb
+from lmforge.verbs import Verb, clean_text, nonneg_int, positive_int
 
 
 def _table_options(p) -> None:
@@ -18,13 +18,13 @@ def _table_options(p) -> None:
     p.add_argument("--smoothing", default="kn", choices=["kn", "addk"],
                    help="interpolated modified Kneser-Ney (default) or add-k")
     p.add_argument("--k", type=float, default=0.1, help="add-k pseudo-count (default 0.1)")
-    p.add_argument("--max-tokens", type=int, default=None, help="count only the first N train tokens")
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="count only the first N train tokens")
 
 
 # ---- train ----------------------------------------------------------------------------------------------
 def train_arguments(p) -> None:
     _table_options(p)
-    p.add_argument("--order", type=int, required=True, help="n: predict from the previous n-1 tokens")
+    p.add_argument("--order", type=positive_int, required=True, help="n: predict from the previous n-1 tokens")
     p.add_argument("--out", required=True, metavar="FILE.npz")
 
 
@@ -76,7 +76,7 @@ def sample_arguments(p) -> None:
     p.add_argument("--model", required=True, metavar="FILE.npz")
     p.add_argument("--tokenizer", required=True, metavar="DIR")
     p.add_argument("--prompt", default="", help="text to continue (default: a new document)")
-    p.add_argument("--tokens", type=int, default=100, help="tokens to generate (default 100)")
+    p.add_argument("--tokens", type=nonneg_int, default=100, help="tokens to generate (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
 
@@ -85,15 +85,16 @@ def cmd_sample(args) -> int:
     from lmforge.baselines.markov import MarkovModel
     from lmforge.tokenizer.tokenizer import Tokenizer
 
+    prompt_text = clean_text(args.prompt, "--prompt")
     model = MarkovModel.load(args.model)
     tok = Tokenizer.load(args.tokenizer)
     tok_vocab = getattr(tok, "vocab_size", None)
     if tok_vocab is not None and int(tok_vocab) != model.vocab_size:
         raise CheckpointError(f"tokenizer vocab size {tok_vocab} differs from the model's {model.vocab_size}",
                               file=str(args.tokenizer))
-    prompt = tok.encode(args.prompt) if args.prompt else []
+    prompt = tok.encode(prompt_text) if prompt_text else []
     ids = model.sample([model.bos_id, *prompt], args.tokens, seed=args.seed, temperature=args.temperature)
-    print((args.prompt or "") + tok.decode(ids))
+    print(prompt_text + tok.decode(ids))
     return 0
 
 

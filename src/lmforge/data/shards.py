@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge import __version__
+from lmforge.version import __version__
 from lmforge.data.corpus import progress_bar
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import atomic_dir, write_json
@@ -76,7 +76,8 @@ class _SplitWriter:
         arr = np.fromiter(itertools.chain.from_iterable(self.pending), dtype=np.int64, count=self.pending_tokens)
         if arr.min() < 0 or arr.max() >= self.vocab_size:   # a tokenizer bug, not a user error
             raise RuntimeError(f"token id {int(arr.max())} outside vocab_size {self.vocab_size}")
-        arr.astype(self.dtype).tofile(self.f)
+        # f.write, not ndarray.tofile: tofile can lose a failed write (disk full), leaving a short file
+        self.f.write(arr.astype(self.dtype).data)
         self.pending, self.pending_tokens = [], 0
 
     def pop_last(self) -> tuple[np.ndarray, int]:
@@ -173,7 +174,10 @@ def prepare_shards(corpus, tokenizer, out_dir, val_fraction: float = 0.1, seed: 
             write_json(tmp / "meta.json", meta)
     finally:
         for w in writers.values():
-            w.f.close()
+            try:
+                w.f.close()
+            except OSError:  # after a failed write: its buffer cannot be flushed either, and the error is raised
+                pass
     return meta
 
 

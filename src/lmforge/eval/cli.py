@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 from lmforge.errors import ConfigError
-from lmforge.verbs import Verb, add_device_option
+from lmforge.verbs import Verb, add_device_option, positive_int
 
 
 def bpb_arguments(p) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR")
     p.add_argument("--data", required=True, metavar="DIR", help="token shards (the val split is scored)")
     p.add_argument("--split", default="val", choices=["val", "train"])
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max_seq_len)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=None,
+    p.add_argument("--seq-len", type=positive_int, default=None,
+                   help="window length (default: the model's max_seq_len)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="estimate from about N tokens in windows spread over the split")
-    p.add_argument("--stride", type=int, default=None,
+    p.add_argument("--stride", type=positive_int, default=None,
                    help="sliding window: windows every STRIDE tokens, each target scored once with >= seq_len - "
                         "STRIDE tokens of context (default: seq_len, no overlap)")
     add_device_option(p, help=None)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.verbs import Verb, add_device_option
+from lmforge.verbs import Verb, add_device_option, clean_text, nonneg_int, positive_int
 
 
 def _checkpoint_option(p) -> None:
@@ -31,45 +31,57 @@ def generate_arguments(p) -> None:
     p.add_argument("--prompt", required=True, help="text to continue")
     # sampling: unset options come from the checkpoint's generation_config.json, else SamplingParams defaults
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-k", type=nonneg_int, default=None, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (1 = off)")
     p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
     p.add_argument("--repetition-penalty", type=float, default=None, help="HF-style, > 1 discourages repeats")
     p.add_argument("--presence-penalty", type=float, default=None, help="OpenAI-style, in [-2, 2]")
     p.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI-style, in [-2, 2]")
-    p.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=None,
+    p.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=positive_int, default=None,
                    help="most tokens to generate (default 256)")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop before this text (repeatable); it is never printed")
     p.add_argument("--seed", type=int, default=None, help="seed: same seed, same output")
-    p.add_argument("--stop-token-id", type=int, action="append", default=None, metavar="ID",
+    p.add_argument("--stop-token-id", type=nonneg_int, action="append", default=None, metavar="ID",
                    help="also stop at this token id (repeatable)")
-    p.add_argument("--min-tokens", type=int, default=None, help="no EOS/stop token before this many tokens")
+    p.add_argument("--min-tokens", type=nonneg_int, default=None, help="no EOS/stop token before this many tokens")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past EOS (until the budget)")
     p.add_argument("--logit-bias", action="append", default=None, metavar="ID=BIAS",
                    help="add BIAS to token ID's logit (repeatable)")
-    p.add_argument("--logprobs", type=int, default=None, metavar="K",
+    p.add_argument("--logprobs", type=nonneg_int, default=None, metavar="K",
                    help="print each token's logprob and the K most likely alternatives (stderr)")
     p.add_argument("--logprobs-mode", default=None, choices=["raw", "processed"],
                    help="logprobs of the model's distribution (raw, default) or the one sampled from")
-    p.add_argument("--n", type=int, default=None, help="number of completions (batched after one prefill)")
+    p.add_argument("--n", type=positive_int, default=None, help="number of completions (batched after one prefill)")
     # structured output (one of)
     p.add_argument("--json-schema", default=None, metavar="FILE", help="the text is JSON valid under this schema")
     p.add_argument("--regex", default=None, help="the text fully matches this regular expression")
     p.add_argument("--choices", nargs="+", default=None, metavar="TEXT", help="the text is exactly one of these")
     # test-time compute (one of)
-    p.add_argument("--best-of", type=int, default=None, metavar="N", help="sample N, print the highest mean logprob")
-    p.add_argument("--self-consistency", type=int, default=None, metavar="N",
+    p.add_argument("--best-of", type=positive_int, default=None, metavar="N",
+                   help="sample N, print the highest mean logprob")
+    p.add_argument("--self-consistency", type=positive_int, default=None, metavar="N",
                    help="sample N, print one with the most common final number")
-    p.add_argument("--beam", type=int, default=None, metavar="K", help="beam search with K beams")
+    p.add_argument("--beam", type=positive_int, default=None, metavar="K", help="beam search with K beams")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length^this")
     # speculative decoding
     p.add_argument("--draft-checkpoint", default=None, metavar="DIR", help="a small model with the same tokenizer")
-    p.add_argument("--lookahead", type=int, default=None, metavar="K",
+    p.add_argument("--lookahead", type=positive_int, default=None, metavar="K",
                    help="tokens proposed per step (speculative; without a draft: prompt lookup)")
     p.add_argument("--no-stream", action="store_true", help="print the text once, at the end")
     add_device_option(p)
     p.add_argument("--precision", default="fp32", help="fp32 (default) | bf16 | fp16 | auto (autocast)")
+
+
+def _clean_text_args(args, *names: str) -> None:
+    """Text options (a string or a list of them) with invalid UTF-8 from argv replaced by U+FFFD."""
+    for name in names:
+        v = getattr(args, name)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(v, str):
+            setattr(args, name, clean_text(v, flag))
+        elif isinstance(v, list):
+            setattr(args, name, [clean_text(x, flag) for x in v])
 
 
 def _show_token(tokenizer, i: int) -> str:
@@ -130,6 +142,8 @@ def cmd_generate(args) -> int:
     from lmforge.infer.sampling import params_from_generation_config
     from lmforge.interop.hf import is_hf_dir
 
+    _clean_text_args(args, "prompt", "stop", "choices", "regex")
+
     search = {"--best-of": args.best_of, "--self-consistency": args.self_consistency, "--beam": args.beam,
               "--draft-checkpoint/--lookahead": args.draft_checkpoint or args.lookahead}
     modes = [k for k, v in search.items() if v]
@@ -137,10 +151,6 @@ def cmd_generate(args) -> int:
         raise ConfigError(f"{' and '.join(modes)} cannot be combined: pick one")
     if modes and args.n is not None and args.n > 1:
         raise ConfigError(f"--n is for plain sampling; {modes[0]} makes its own candidates", field="n")
-    for flag in ("best_of", "self_consistency", "beam", "lookahead"):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {v}", field=flag)
 
     # default sampling settings come from the model directory's generation_config.json
     path = args.checkpoint if is_hf_dir(args.checkpoint) else checkpoint.resolve(args.checkpoint)
@@ -224,8 +234,8 @@ def _summary(n_tokens: int, t0: float, what: str) -> int:
 def attention_arguments(p) -> None:
     _checkpoint_option(p)
     p.add_argument("--prompt", required=True, help="text whose attention to draw")
-    p.add_argument("--layer", type=int, default=None, help="only this layer (0-based)")
-    p.add_argument("--head", type=int, default=None, help="only this head (0-based)")
+    p.add_argument("--layer", type=nonneg_int, default=None, help="only this layer (0-based)")
+    p.add_argument("--head", type=nonneg_int, default=None, help="only this head (0-based)")
     p.add_argument("--out", required=True, metavar="FILE.png", help="image to write (.png, .pdf or .svg)")
     add_device_option(p)
 
@@ -233,6 +243,8 @@ def attention_arguments(p) -> None:
 def cmd_attention(args) -> int:
     import lmforge
     from lmforge.infer.inspect import attention_maps, pick_indices, plot_attention
+
+    _clean_text_args(args, "prompt")
 
     if not args.prompt:
         raise LmforgeError("is empty", field="prompt")
@@ -253,7 +265,7 @@ def inspect_arguments(p) -> None:
     _checkpoint_option(p)
     p.add_argument("--prompt", required=True, help="text to condition on")
     p.add_argument("--continuation", default=None, help="text to score after the prompt")
-    p.add_argument("--top-k", type=int, default=10, help="how many next tokens to show (default 10)")
+    p.add_argument("--top-k", type=positive_int, default=10, help="how many next tokens to show (default 10)")
     add_device_option(p)
 
 
@@ -261,12 +273,12 @@ def cmd_inspect(args) -> int:
     import lmforge
     from lmforge.infer.inspect import checked_ids, continuation_logprobs, next_token_topk
 
+    _clean_text_args(args, "prompt", "continuation")
+
     if not args.prompt:
         raise LmforgeError("is empty", field="prompt")
     if args.continuation is not None and not args.continuation:
         raise LmforgeError("is empty", field="continuation")
-    if args.top_k < 1:
-        raise ConfigError(f"must be >= 1, got {args.top_k}", field="top_k")
     model, tokenizer = lmforge.load(args.checkpoint, device=args.device)
     top = next_token_topk(model, tokenizer, args.prompt, k=args.top_k)
     n_prompt = len(checked_ids(tokenizer, args.prompt, "prompt", True))

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.interop.hf import QWEN2_PATTERN, SafetensorsDir
+from lmforge.interop.hf import QWEN2_PATTERN, SafetensorsDir, check_weights
+from lmforge.io import write_error
 from lmforge.model.config import ModelConfig
 from lmforge.tokenizer.bpe import GPT2_PATTERN, GPT4_PATTERN
 
@@ -210,13 +211,14 @@ def export_gguf(checkpoint: str | Path, out: str | Path, qtype: str = "f16", *, 
     check_exportable(cfg)
     tok = Tokenizer.load(path / "tokenizer")
     weights = SafetensorsDir(path)
+    check_weights(weights, cfg, path / "model.safetensors")
     out = Path(out)
     if out.is_dir():
         raise ConfigError("is a directory; give a file name such as model.gguf", file=str(out), field="out")
 
     tmp = out.with_name(out.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), "llama")
     try:
+        writer = gguf.GGUFWriter(str(tmp), "llama")
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(path.resolve().name if path.name != "checkpoint" else path.resolve().parent.name)
         writer.add_vocab_size(cfg.vocab_size)
@@ -252,25 +254,27 @@ def export_gguf(checkpoint: str | Path, out: str | Path, qtype: str = "f16", *, 
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        bar = tqdm(total=weights.nbytes(), unit="B", unit_scale=True, desc=f"gguf {qtype}", disable=not progress,
-                   file=sys.stderr)
-        for name, ours, heads in plan:
-            if ours is None:
-                writer.write_tensor_data(factors)
-                continue
-            t = weights[ours].float()
-            bar.update(t.numel() * 4)
-            if heads is not None:
-                t = permute_for_llama_cpp(t, heads)
-            writer.write_tensor_data(_encode(t.numpy(), _ggml_type(qtype, tuple(t.shape))))
-        bar.close()
+        with tqdm(total=weights.nbytes(), unit="B", unit_scale=True, desc=f"gguf {qtype}", disable=not progress,
+                  file=sys.stderr, leave=False) as bar:  # closed on an error too: the error line stands alone
+            for name, ours, heads in plan:
+                if ours is None:
+                    writer.write_tensor_data(factors)
+                    continue
+                t = weights[ours].float()
+                bar.update(t.numel() * 4)
+                if heads is not None:
+                    t = permute_for_llama_cpp(t, heads)
+                writer.write_tensor_data(_encode(t.numpy(), _ggml_type(qtype, tuple(t.shape))))
         writer.close()
         weights.close()
+        os.replace(tmp, out)
     except KeyError as e:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"missing tensor {e}", file=str(path / "model.safetensors")) from None
+    except OSError as e:  # disk full, file too large, permission denied
+        tmp.unlink(missing_ok=True)
+        raise write_error(e, out, tmp) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, out)
     return out

@@ -302,6 +302,15 @@ class SafetensorsDir(Mapping):
             self._files[path] = self._open(path)
         return self._files[path].get_tensor(name)
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, read from the headers (no tensor data is loaded)."""
+        out = {}
+        for name, path in self._where.items():
+            if path not in self._files:
+                self._files[path] = self._open(path)
+            out[name] = tuple(self._files[path].get_slice(name).get_shape())
+        return out
+
     def __iter__(self):
         return iter(self._where)
 
@@ -440,7 +449,6 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, progress: bool = True)
     """Write a Hugging Face model directory from an lmforge checkpoint: config.json, model.safetensors (HF names),
     tokenizer.json + tokenizer_config.json (chat template included), generation_config.json.
     `AutoModelForCausalLM.from_pretrained(out)` and `AutoTokenizer.from_pretrained(out)` load it offline."""
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     from lmforge import checkpoint as ckpt
@@ -453,6 +461,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, progress: bool = True)
     _check_out(out, "config.json")
 
     ours = SafetensorsDir(path)
+    check_weights(ours, cfg, path / "model.safetensors")
     state = {}
     with tqdm(total=ours.nbytes(), unit="B", unit_scale=True, desc="read weights", disable=not progress,
               file=sys.stderr) as bar:
@@ -466,10 +475,21 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, progress: bool = True)
     out = Path(out)
     with atomic_dir(out) as tmp:
         write_json(tmp / "config.json", hc)
-        save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        ckpt.save_safetensors(hf_state, tmp / "model.safetensors", metadata={"format": "pt"})
         tok.export_hf(tmp)
         write_json(tmp / "generation_config.json", generation_to_hf(path, tok))
     return out
+
+
+def check_weights(weights: SafetensorsDir, cfg: ModelConfig, file) -> None:
+    """The tensors have the shapes that `cfg` (the checkpoint's config.json) gives the model: else a
+    CheckpointError naming the first that differs, before anything is converted or written."""
+    from lmforge import checkpoint as ckpt
+    from lmforge.model.transformer import Transformer
+
+    with torch.device("meta"):  # shapes only
+        expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    ckpt.check_shapes(weights.shapes(), expected, str(file))
 
 
 def generation_to_hf(checkpoint: Path, tokenizer) -> dict:

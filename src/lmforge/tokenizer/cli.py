@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 from lmforge.errors import ConfigError
-from lmforge.verbs import Verb, add_source_options
+from lmforge.verbs import Verb, add_source_options, clean_text, positive_int, read_stdin_text
 
 if TYPE_CHECKING:
     from lmforge.tokenizer.tokenizer import Tokenizer
@@ -38,27 +38,28 @@ def render_tokens(tok: Tokenizer, ids: list[int], color: bool) -> str:
 def train_arguments(p) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="SRC",
                    help="built-in corpus name or a file/directory (.txt .md .jsonl .parquet)")
-    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size including 256 bytes and specials")
+    p.add_argument("--vocab-size", type=positive_int, required=True,
+                   help="vocabulary size including 256 bytes and specials")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the tokenizer")
     p.add_argument("--pattern", default="gpt4",
                    help="pre-split regex: 'gpt4' (default), 'gpt2', or a regex of your own")
-    p.add_argument("--min-frequency", type=int, default=2, help="stop when the best pair occurs fewer times")
+    p.add_argument("--min-frequency", type=positive_int, default=2, help="stop when the best pair occurs fewer times")
     add_source_options(p)
 
 
 def cmd_train(args) -> int:
     from lmforge.data.corpus import Corpus
+    from lmforge.io import check_replaceable_dir
     from lmforge.tokenizer.bpe import resolve_pattern
     from lmforge.tokenizer.stats import measure, total_of
-    from lmforge.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
+    from lmforge.tokenizer.tokenizer import MODEL_FILE, SPECIAL_TOKENS, Tokenizer
 
     min_vocab = 256 + len(SPECIAL_TOKENS)
     if args.vocab_size < min_vocab:
         raise ConfigError(f"{args.vocab_size} is too small: the vocabulary needs at least {min_vocab} entries "
                           f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens) plus the merges to learn",
                           field="--vocab-size")
-    if args.min_frequency < 1:
-        raise ConfigError(f"must be at least 1, got {args.min_frequency}", field="--min-frequency")
+    check_replaceable_dir(args.out, MODEL_FILE)  # before the corpus is read, not after training
     try:
         pattern = resolve_pattern(args.pattern)
         Tokenizer([], pattern)  # compile the regex now rather than after reading the whole corpus
@@ -118,7 +119,7 @@ def cmd_encode(args) -> int:
     from lmforge.tokenizer.tokenizer import Tokenizer
 
     tok = Tokenizer.load(args.tokenizer)
-    text = sys.stdin.read() if args.text == "-" else args.text
+    text = read_stdin_text() if args.text == "-" else clean_text(args.text, "text")
     ids = tok.encode(text)
     nbytes = len(text.encode("utf-8"))
     print(f"ids ({len(ids)}): {ids}")

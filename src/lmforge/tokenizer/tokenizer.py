@@ -37,9 +37,9 @@ from typing import Iterable, Mapping, Sequence
 
 import tiktoken
 
-from lmforge import __version__
+from lmforge.version import __version__
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError, read_json_object
-from lmforge.io import atomic_write_text
+from lmforge.io import atomic_dir, atomic_write_text, check_replaceable_dir
 
 # ---------------------------------------------------------------------------------------------------------
 # Special tokens. ONE list, in id order (first special id = 256 + n_merges). Later stages import these names
@@ -350,15 +350,15 @@ class Tokenizer:
 
     # ---- save / load ----------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write our own files plus the Hugging Face tokenizer.json / tokenizer_config.json."""
+        """Write our own files plus the Hugging Face tokenizer.json / tokenizer_config.json, all at once
+        (lmforge.io.atomic_dir): an existing tokenizer there is replaced, any other non-empty directory is not."""
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
+        check_replaceable_dir(d, MODEL_FILE)
         version = 1 if self._own_layout else 2  # v1 files stay readable by every lmforge that reads v1
         lines = [f"{FORMAT_NAME} v{version}"]
         if version == 2:
             lines += [f"tokens {self.vocab_size}", *self._token_hex(), f"merges {self.n_merges}"]
         lines += [f"{a} {b}" for a, b in self.merges]
-        atomic_write_text(d / MODEL_FILE, "\n".join(lines) + "\n")
         meta = {"format": FORMAT_NAME, "version": version, "lmforge_version": __version__,
                 "pattern": self.pattern,
                 "special_tokens": list(self.special_tokens) if version == 1 else self.special_tokens,
@@ -367,8 +367,10 @@ class Tokenizer:
             meta.update(roles=self._roles, normalizer=self.normalizer)
         if self.chat_template is not None:
             meta["chat_template"] = self.chat_template
-        atomic_write_text(d / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-        self.export_hf(d)
+        with atomic_dir(d) as tmp:
+            atomic_write_text(tmp / MODEL_FILE, "\n".join(lines) + "\n")
+            atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+            self.export_hf(tmp)
         return d
 
     @classmethod

@@ -26,7 +26,7 @@ from lmforge.model.config import get_preset  # noqa: E402
 from lmforge.model.transformer import Transformer  # noqa: E402
 from lmforge.train.metrics import read_metrics  # noqa: E402
 from lmforge.stages.pretrain import PretrainTask  # noqa: E402
-from lmforge.train.trainer import TrainConfig, train  # noqa: E402
+from lmforge.train.trainer import CheckpointSpec, TrainConfig, train  # noqa: E402
 
 
 def run(d_model: int, steps: int, **opt) -> dict:
@@ -43,7 +43,7 @@ def run(d_model: int, steps: int, **opt) -> dict:
         cfg = TrainConfig(out_dir=out, max_steps=steps, batch_size=8, warmup_steps=5, precision="fp32",
                           progress=False, log_every=1, seed=0, **opt)
         t0 = time.perf_counter()
-        summary = train(model, task, cfg, model_config=mcfg.to_dict())
+        summary = train(model, task, cfg, checkpoint=CheckpointSpec(model_config=mcfg.to_dict()))
         dt = time.perf_counter() - t0
         losses = [r["loss"] for r in read_metrics(Path(out) / "metrics.jsonl") if "loss" in r]
     return {"train": sum(losses[-5:]) / 5, "val": summary["val_loss"], "s_per_step": summary["train_time"] / steps,

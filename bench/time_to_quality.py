@@ -95,7 +95,7 @@ def run_lmforge(train_text: str, val_text: str, work: Path, args) -> dict:
     from lmforge.model.transformer import Transformer
     from lmforge.tokenizer.tokenizer import Tokenizer
     from lmforge.stages.pretrain import PretrainTask
-    from lmforge.train.trainer import TrainConfig, train
+    from lmforge.train.trainer import CheckpointSpec, TrainConfig, train
 
     t0 = time.perf_counter()
     tok = Tokenizer.train(train_text.split("\n"), args.vocab, progress=False)
@@ -117,7 +117,8 @@ def run_lmforge(train_text: str, val_text: str, work: Path, args) -> dict:
                         token_bytes=token_byte_lengths(tok), seed=0, mode="packed", eval_tokens=4096,
                         progress=False)
     t0 = time.perf_counter()
-    s = train(model, task, cfg, model_config=mcfg.to_dict(), flops_per_token=model.flops_per_token(args.seq_len))
+    s = train(model, task, cfg, checkpoint=CheckpointSpec(model_config=mcfg.to_dict()),
+              flops_per_token=model.flops_per_token(args.seq_len))
     wall = time.perf_counter() - t0
     model.eval()
     from lmforge.runtime import autocast

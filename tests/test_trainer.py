@@ -1,4 +1,5 @@
-"""The one training loop: a second loss, loss decreases, exact resume after SIGKILL, atomic checkpoints, torchrun."""
+"""The one training loop: a second loss, loss decreases, exact resume after SIGKILL (dropout, accumulation, AdamW and
+Muon), atomic checkpoints, torchrun. The Task hooks themselves: tests/test_task.py."""
 import json
 import os
 import shutil
@@ -11,14 +12,16 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge import checkpoint as ckpt
+from lmforge.runtime import measured_peak_flops
 from lmforge.train.metrics import read_metrics
 from train_driver import assert_identical_runs, run_driver  # tests/ is on sys.path under pytest
-from lmforge.train.trainer import TrainConfig, lr_at, train
+from lmforge.train.task import Task
+from lmforge.train.trainer import CheckpointSpec, TrainConfig, lr_at, train
 
 DRIVER = str(Path(__file__).with_name("train_driver.py"))
 
 
-class RegressionTask:
+class RegressionTask(Task):
     """A different stage in miniature: fit y = x·w with an MSE loss through the same loop."""
 
     def __init__(self, dim=8):
@@ -45,7 +48,7 @@ def test_second_loss_runs_through_the_same_loop(tmp_path):
     model = torch.nn.Linear(8, 1)
     cfg = TrainConfig(out_dir=str(tmp_path), max_steps=150, lr=0.05, warmup_steps=5, weight_decay=0.0,
                       precision="fp32", progress=False, log_every=10)
-    summary = train(model, RegressionTask(), cfg, model_config={"kind": "linear"})
+    summary = train(model, RegressionTask(), cfg, checkpoint=CheckpointSpec(model_config={"kind": "linear"}))
     rows = read_metrics(tmp_path / "metrics.jsonl")
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < 0.01 * losses[0]
@@ -73,17 +76,39 @@ def test_pretrain_loss_decreases(tmp_path):
     assert final["val_loss"] < 3.5
 
 
-def test_kill_and_resume_is_bitwise_identical(tmp_path):
+# Every pair of (optimizer, dropout, accumulation) values meets in one of these four runs. With dropout every step
+# draws from the global RNG; mfu=true makes the trainer measure peak FLOP/s (random matrices) on start, as real
+# pretraining does: nothing the trainer runs before the first resumed step may shift that random stream.
+RESUME_CASES = [("adamw", 0.0, 1, False), ("adamw", 0.1, 2, False), ("muon", 0.0, 2, False), ("muon", 0.1, 1, True)]
+
+
+@pytest.mark.parametrize("optimizer,dropout,grad_accum,mfu", RESUME_CASES,
+                         ids=[f"{o}-dropout{p}-accum{a}" for o, p, a, _ in RESUME_CASES])
+def test_kill_and_resume_is_bitwise_identical(tmp_path, optimizer, dropout, grad_accum, mfu):
     env = {"LMFORGE_TEST_MODE": "packed"}
+    run = ["max_steps=16", f"optimizer={optimizer}", f"model.dropout={dropout}", f"grad_accum={grad_accum}",
+           f"mfu={str(mfu).lower()}"]
     full, killed = tmp_path / "full", tmp_path / "killed"
-    assert run_driver(full, "max_steps=24", env=env).returncode == 0
-    r = run_driver(killed, "max_steps=24", "save_every=10", env={**env, "LMFORGE_TEST_KILL_AT": "13"})
-    assert r.returncode == -9  # SIGKILL mid-run, three steps after the step-10 checkpoint
+    r = run_driver(full, *run, env=env)
+    assert r.returncode == 0, r.stderr
+    r = run_driver(killed, *run, "save_every=8", env={**env, "LMFORGE_TEST_KILL_AT": "11"})
+    assert r.returncode == -9, r.stderr  # SIGKILL mid-run, three steps after the step-8 checkpoint
     state = json.loads((killed / "checkpoint" / "trainer_state.json").read_text())
-    assert state["step"] == 10
-    r = run_driver(killed, "max_steps=24", "save_every=10", "resume=true", env=env)
+    assert state["step"] == 8
+    r = run_driver(killed, *run, "save_every=8", "resume=true", env=env)
     assert r.returncode == 0, r.stderr
     assert_identical_runs(full, killed)
+    if optimizer == "muon":  # the momentum buffers were saved and reloaded too (a fresh Muon would have diverged)
+        opt = torch.load(killed / "checkpoint" / "optimizer.pt", weights_only=True)
+        assert set(opt) == {"muon", "adamw"} and len(opt["muon"]["state"]) == 14
+
+
+def test_measuring_peak_flops_leaves_the_global_rng_alone():
+    """The trainer measures before the first step; drawing from the global RNG there would shift dropout."""
+    before = torch.get_rng_state()
+    # a precision string of its own, so the measurement runs rather than answering from the cache
+    assert measured_peak_flops(torch.device("cpu"), "fp32-rng-test") > 0
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_interrupted_checkpoint_write_keeps_last_good(tmp_path, monkeypatch):

@@ -1,6 +1,8 @@
 """A tiny pretraining run on synthetic tokens, for the resume and torchrun tests.
 
-usage: python tests/train_driver.py OUT_DIR [KEY=VALUE ...]   (TrainConfig overrides)
+usage: python tests/train_driver.py OUT_DIR [KEY=VALUE ...]
+       KEY=VALUE: a TrainConfig field, model.FIELD (a ModelConfig field, e.g. model.dropout=0.1), or mfu=true
+       (pass flops_per_token, so the trainer measures peak FLOP/s as a real pretraining run does)
        LMFORGE_TEST_KILL_AT=K  -> the process SIGKILLs itself while building step K's batch
 """
 import os
@@ -16,7 +18,7 @@ from lmforge.model.config import get_preset
 from lmforge.model.transformer import Transformer
 from lmforge.train.metrics import read_metrics
 from lmforge.stages.pretrain import PretrainTask
-from lmforge.train.trainer import TrainConfig, train
+from lmforge.train.trainer import CheckpointSpec, TrainConfig, train
 
 VOCAB, BOS = 64, 63
 
@@ -66,9 +68,11 @@ def main():
     values = {"out_dir": out, "max_steps": 30, "batch_size": 4, "lr": 3e-3, "warmup_steps": 5,
               "precision": "fp32", "progress": False, "log_every": 1, "threads": 1, "seed": 0}
     values.update(parse_overrides(overrides))
+    model_overrides, mfu = values.pop("model", {}), values.pop("mfu", False)
     cfg = build(TrainConfig, values)
     torch.manual_seed(cfg.seed)
-    mcfg = get_preset("tiny", vocab_size=VOCAB, n_layer=2, d_model=64, n_head=4, n_kv_heads=2, max_seq_len=32)
+    mcfg = get_preset("tiny", **{"vocab_size": VOCAB, "n_layer": 2, "d_model": 64, "n_head": 4, "n_kv_heads": 2,
+                                 "max_seq_len": 32, **model_overrides})
     model = Transformer(mcfg)
     train_tokens, val_tokens = synthetic_stream(200, 1), synthetic_stream(20, 2)
     token_bytes = np.ones(VOCAB, dtype=np.int64)
@@ -76,7 +80,8 @@ def main():
     task = KillingTask(train_tokens, val_tokens, seq_len=32, batch_size=cfg.batch_size, bos_id=BOS,
                        token_bytes=token_bytes, seed=cfg.seed, mode=os.environ.get("LMFORGE_TEST_MODE", "packed"),
                        eval_tokens=512, grad_accum=cfg.grad_accum, progress=False)
-    train(model, task, cfg, model_config=mcfg.to_dict())
+    train(model, task, cfg, checkpoint=CheckpointSpec(model_config=mcfg.to_dict()),
+          flops_per_token=model.flops_per_token(32) if mfu else None)
 
 
 if __name__ == "__main__":

@@ -102,8 +102,10 @@ def measured_peak_flops(device: torch.device, precision: str) -> float:
         return _PEAK_CACHE[key]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     n = 4096 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # a generator of its own: drawing from the global one would shift the training run's random stream (dropout)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     best = 0.0
     for _ in range(3):
         reps = 20 if device.type == "cuda" else 4

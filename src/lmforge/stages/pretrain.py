@@ -1,7 +1,8 @@
 """Pretraining: next-token prediction on token shards, run through the one trainer loop.
 
-`PretrainTask` is the whole of what makes this stage pretraining: how a batch is cut from the shards and which
-loss is computed. Two batch modes, both stateless functions of (seed, step, micro-batch), so a resumed run sees
+`PretrainTask` is the whole of what makes this stage pretraining: how a batch is cut from the shards; the loss
+is the model's own next-token cross-entropy (`model(x, targets=y, loss_mask=mask)`), so a masked-loss stage
+such as SFT is this task with a mask in its batches. Two batch modes, both stateless functions of (seed, step, micro-batch), so a resumed run sees
 exactly the batches the uninterrupted run would have seen:
   random  — nanoGPT style: B windows of T+1 tokens at random offsets of train.bin.
   packed  — every token once per epoch: the documents (each starts with BOS) are shuffled per epoch with the
@@ -18,14 +19,14 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.bpb import evaluate_bpb, token_byte_lengths
-from lmforge.train.trainer import TrainConfig, train
+from lmforge.train.task import Task
+from lmforge.train.trainer import CheckpointSpec, TrainConfig, train
 
 
-class PretrainTask:
+class PretrainTask(Task):
     def __init__(self, train_tokens: np.ndarray, val_tokens: np.ndarray, *, seq_len: int, batch_size: int,
                  bos_id: int, token_bytes: np.ndarray, seed: int = 0, mode: str = "random",
                  eval_tokens: int | None = 65536, eval_batch_size: int = 16, device="cpu", eval_stride=None,
@@ -50,7 +51,8 @@ class PretrainTask:
             raise ConfigError(f"{mode!r} is not one of random, packed", field="mode")
 
     # -- batches ------------------------------------------------------------------------------------------
-    def batch(self, step: int, micro: int):
+    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """(inputs, next-token targets, loss mask): pretraining weights every target, so no mask."""
         if self.mode == "random":
             rng = np.random.default_rng([self.seed, step, micro])
             starts = rng.integers(0, len(self.train_tokens) - self.T - 1, size=self.B)
@@ -60,7 +62,7 @@ class PretrainTask:
             idx = np.stack([self._packed_row(r) for r in range(first_row, first_row + self.B)])
         rows = torch.from_numpy(np.asarray(self.train_tokens[idx.ravel()], dtype=np.int64).reshape(idx.shape))
         rows = rows.to(self.device, non_blocking=True)
-        return rows[:, :-1], rows[:, 1:]
+        return rows[:, :-1], rows[:, 1:], None
 
     def _packed_row(self, r: int) -> np.ndarray:
         epoch, r = divmod(r, self.rows_per_epoch)
@@ -75,11 +77,9 @@ class PretrainTask:
 
     # -- loss / eval / samples ---------------------------------------------------------------------------
     def loss(self, model, batch):
-        x, y = batch
-        logits = model(x)
-        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
-        return loss, {"tokens": y.numel()}
+        x, y, mask = batch
+        _, loss = model(x, targets=y, loss_mask=mask)   # fp32 cross-entropy; targets -1 and mask 0 are ignored
+        return loss, {"tokens": y.numel()}               # tokens processed (throughput, max_tokens)
 
     def evaluate(self, model, final: bool = False) -> dict:
         # periodic evals look at `eval_tokens` of val; the final one scores the whole split, also with the sliding
@@ -176,9 +176,9 @@ def run_pretrain(pcfg: PretrainConfig) -> dict:
     n = model.num_params()
     fpt = model.flops_per_token(pcfg.seq_len)
     t0 = time.time()
-    summary = train(model, task, cfg, model_config=mcfg.to_dict(), tokenizer=tokenizer, flops_per_token=fpt,
-                    extra_config={"stage": "pretrain", "data": str(pcfg.data)},
-                    generation_config=GENERATION_DEFAULTS)
+    spec = CheckpointSpec(model_config=mcfg.to_dict(), tokenizer=tokenizer, generation_config=GENERATION_DEFAULTS,
+                          extra={"stage": "pretrain", "data": str(pcfg.data)})
+    summary = train(model, task, cfg, checkpoint=spec, flops_per_token=fpt)
     summary.update(params=n, wall_time=time.time() - t0)
     if int(os.environ.get("RANK", 0)) == 0:
         (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
@@ -187,7 +187,7 @@ def run_pretrain(pcfg: PretrainConfig) -> dict:
 
 def _make_sampler(tokenizer, pcfg: PretrainConfig):
     def sample(model):
-        from lmforge.infer.generate import generate
+        from lmforge.infer.engine import generate
         from lmforge.infer.sampling import SamplingParams
         params = SamplingParams(temperature=0.8, top_k=50, max_tokens=pcfg.sample_tokens, seed=0)
         return [p + generate(model, tokenizer, p, params).text for p in pcfg.sample_prompts]

@@ -1,39 +1,32 @@
 """The one training loop.
 
 Every stage — pretraining, SFT, reward model, DPO, PPO, GRPO, distillation — runs through `train()`. A stage
-differs only in its *task*: an object that builds batches and computes a loss. The loop owns everything else:
-optimizer, LR schedule, gradient accumulation, clipping, mixed precision, torch.compile, DDP/FSDP, stopping by
-steps / tokens / wall-clock, periodic eval and samples, progress bar, metrics.jsonl + PNG plots, and atomic
-checkpoints with exact resume.
-
-A task provides (see `Task`):
-    batch(step, micro)        -> anything its loss() understands; `micro` is the GLOBAL micro-batch index
-                                 (rank * micro_per_rank + i), so 2 processes x 1 micro-batch see exactly the
-                                 batches that 1 process x 2 micro-batches sees.
-    loss(model, batch)        -> (scalar loss averaged over the micro-batch, {"tokens": n, ...more metrics})
-    evaluate(model, final)    -> {"val_loss": ..., ...}       (optional; final=True at the end of the run)
-    samples(model)            -> [str, ...]                    (optional)
-    state_dict()/load_state_dict(d)  data position etc. for resume (optional)
+differs only in its task, a `lmforge.train.task.Task`: how a batch is built, which loss, which parameters train,
+which modules ride along frozen, what happens before each step. The loop owns everything else: optimizer, LR
+schedule, gradient accumulation, clipping, mixed precision, torch.compile, DDP/FSDP, stopping by steps / tokens /
+wall-clock, periodic eval and samples, progress bar, metrics.jsonl + PNG plots, and atomic checkpoints (what
+they hold besides weights: a `CheckpointSpec`) with exact resume.
 """
 from __future__ import annotations
 
 import math
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from lmforge.errors import CheckpointError, ConfigError
 from lmforge import checkpoint as ckpt
-from lmforge.train.metrics import MetricsLog, plot_curves
+from lmforge.errors import CheckpointError, ConfigError
 from lmforge.runtime import (Dist, all_reduce_mean, autocast, init_distributed, measured_peak_flops,
-                                   resolve_precision)
+                             resolve_precision)
+from lmforge.train.metrics import MetricsLog, plot_curves
+from lmforge.train.rng import rng_state, set_rng_state
+from lmforge.train.task import Task
 
 
 @dataclass
@@ -100,9 +93,13 @@ class TrainConfig:
                               "or optimizer=adamw", field="optimizer")
 
 
-class Task(Protocol):
-    def batch(self, step: int, micro: int) -> Any: ...
-    def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict]: ...
+@dataclass
+class CheckpointSpec:
+    """What every checkpoint of the run holds besides the weights and the trainer state."""
+    model_config: dict                       # config.json["model"]: what the loader rebuilds the model from
+    tokenizer: Any = None                    # saved to tokenizer/ when given
+    generation_config: dict | None = None    # default sampling settings of `lmforge generate`
+    extra: dict | None = None                # more config.json keys, e.g. {"stage": "pretrain"}
 
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
@@ -140,30 +137,30 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state().tolist(), "python": _py_state(random.getstate()),
-             "numpy": _np_state(np.random.get_state())}
-    if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return state
+def freeze_modules(task: Task, model: nn.Module, device: torch.device) -> None:
+    """Move the task's frozen modules to `device` in eval mode with requires_grad=False."""
+    own = {id(p) for p in model.parameters()}
+    for name, module in task.frozen_modules().items():
+        # a shared tensor would be trained through the model while the task believes it fixed
+        if any(id(p) in own for p in module.parameters()):
+            raise ConfigError(f"frozen module {name!r} shares parameters with the model being trained")
+        module.to(device).eval().requires_grad_(False)
 
 
-def _py_state(s):
-    return [s[0], list(s[1]), s[2]]
-
-
-def _np_state(s):
-    return [s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])]
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    v, internal, gauss = state["python"]
-    random.setstate((v, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+def select_trainable(task: Task, model: nn.Module) -> None:
+    """Apply task.trainable(model): requires_grad on for exactly those parameters, off for every other one."""
+    chosen = task.trainable(model)
+    if chosen is not None:
+        chosen = list(chosen)
+        own = {id(p) for p in model.parameters()}
+        foreign = [name for name, p in chosen if id(p) not in own]
+        if foreign:
+            raise ConfigError(f"trainable() named parameters that are not the model's: {', '.join(foreign[:3])}")
+        keep = {id(p) for _, p in chosen}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in keep)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("no parameter of the model is trainable")
 
 
 def _wrap_distributed(model: torch.nn.Module, cfg: TrainConfig, d: Dist, device: torch.device):
@@ -196,11 +193,16 @@ def _full_state_dict_model(model: torch.nn.Module, cfg: TrainConfig, d: Dist) ->
     return _Holder()
 
 
-def train(model: torch.nn.Module, task, cfg: TrainConfig, *, model_config: dict, tokenizer=None,
-          flops_per_token: float | None = None, extra_config: dict | None = None,
-          generation_config: dict | None = None) -> dict:
-    """Run the loop; returns a summary (steps, tokens, seconds, last metrics, checkpoint path)."""
+def train(model: nn.Module, task: Task, cfg: TrainConfig, *, checkpoint: CheckpointSpec,
+          flops_per_token: float | None = None) -> dict:
+    """Run the loop; returns a summary (steps, tokens, seconds, last metrics, checkpoint path).
+
+    `model` is trained in place; parameters outside task.trainable(model) are left with requires_grad=False.
+    `flops_per_token` (forward + backward) turns on the MFU metric."""
     d, device = init_distributed(cfg.device)
+    if cfg.grad_accum % d.world_size:
+        raise ConfigError(f"grad_accum={cfg.grad_accum} must be a multiple of the {d.world_size} processes",
+                          field="grad_accum")
     if cfg.threads and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     precision = resolve_precision(cfg.precision, device)
@@ -209,31 +211,31 @@ def train(model: torch.nn.Module, task, cfg: TrainConfig, *, model_config: dict,
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
 
+    # -- the model, what trains, what rides along frozen, and the state to resume from --------------------
     model.to(device)
+    freeze_modules(task, model, device)
     step, tokens_seen, train_time = 0, 0, 0.0
-    resume_state = None
+    resume_state = opt_state = None
     if cfg.resume and _has_checkpoint(ckpt_dir):
         ckpt.load(ckpt_dir, model)
         resume_state, opt_state = ckpt.load_trainer_state(ckpt_dir)
-        step, tokens_seen, train_time = resume_state["step"], resume_state["tokens"], resume_state["train_time"]
-    raw_model = model
-    model = _wrap_distributed(model, cfg, d, device)
-    optimizer = build_optimizer(model, cfg, device)
-    if resume_state is not None:
         saved_opt = (resume_state.get("config") or {}).get("optimizer", "adamw")
         if saved_opt != cfg.optimizer:
             raise CheckpointError(f"the checkpoint was trained with optimizer={saved_opt}; resume with the same "
                                   f"optimizer (got {cfg.optimizer})", file=str(ckpt_dir / "trainer_state.json"))
-        if opt_state is not None:
-            optimizer.load_state_dict(opt_state)
-        _set_rng_state(resume_state["rng"])
-        if hasattr(task, "load_state_dict") and resume_state.get("task") is not None:
-            task.load_state_dict(resume_state["task"])
+        step, tokens_seen, train_time = resume_state["step"], resume_state["tokens"], resume_state["train_time"]
+    select_trainable(task, model)           # before wrapping: DDP records which parameters need gradients
+    raw_model = model
+    model = _wrap_distributed(model, cfg, d, device)
+    optimizer = build_optimizer(model, cfg, device)  # over the parameters that require grad
+    if opt_state is not None:
+        optimizer.load_state_dict(opt_state)
+    clipped = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP's sharded parameters
+    task.setup(raw_model, device)
+    if resume_state is not None:
+        task.load_state_dict(resume_state.get("task") or {})
     fwd_model = torch.compile(model) if cfg.compile else model
 
-    if cfg.grad_accum % d.world_size:
-        raise ConfigError(f"grad_accum={cfg.grad_accum} must be a multiple of the {d.world_size} processes",
-                          field="grad_accum")
     micro_per_rank = cfg.grad_accum // d.world_size
     log = MetricsLog(out, enabled=d.is_main, append=resume_state is not None)
     if resume_state is not None:
@@ -256,8 +258,6 @@ def train(model: torch.nn.Module, task, cfg: TrainConfig, *, model_config: dict,
         return progress_fraction() >= 1.0
 
     def run_eval(tag: str) -> dict:
-        if not hasattr(task, "evaluate"):
-            return {}
         raw_model.eval()
         with torch.no_grad(), autocast(device, precision):
             res = task.evaluate(raw_model if not cfg.fsdp else model, final=tag == "final")
@@ -269,19 +269,26 @@ def train(model: torch.nn.Module, task, cfg: TrainConfig, *, model_config: dict,
         opt_sd = optimizer.state_dict() if not (cfg.fsdp and d.enabled) else None
         if not d.is_main:
             return
-        ts = {"step": step, "tokens": tokens_seen, "train_time": train_time, "rng": _rng_state(),
-              "task": task.state_dict() if hasattr(task, "state_dict") else None,
-              "config": asdict(cfg), "world_size": d.world_size}
-        ckpt.save(ckpt_dir, model=state_model, model_config=model_config, tokenizer=tokenizer,
-                             generation_config=generation_config, trainer_state=ts, optimizer_state=opt_sd,
-                             extra=extra_config)
+        ts = {"step": step, "tokens": tokens_seen, "train_time": train_time, "rng": rng_state(),
+              "task": task.state_dict(), "config": asdict(cfg), "world_size": d.world_size}
+        ckpt.save(ckpt_dir, model=state_model, model_config=checkpoint.model_config, tokenizer=checkpoint.tokenizer,
+                  generation_config=checkpoint.generation_config, trainer_state=ts, optimizer_state=opt_sd,
+                  extra=checkpoint.extra)
 
     raw_model.train()
+    # The RNGs are restored last, right before the first step: anything above may draw random numbers, and the
+    # resumed run must continue from exactly the generators the uninterrupted run had after the saved step.
+    if resume_state is not None:
+        set_rng_state(resume_state["rng"])
     while not done():
         t0 = time.perf_counter()
         lr = lr_at(cfg, step, progress_fraction())
         for g in optimizer.param_groups:
             g["lr"] = lr
+        raw_model.eval()
+        with torch.no_grad():
+            task.before_step(raw_model, step)
+        raw_model.train()
         step_loss = torch.zeros((), device=device)
         step_tokens = 0
         for i in range(micro_per_rank):
@@ -299,7 +306,7 @@ def train(model: torch.nn.Module, task, cfg: TrainConfig, *, model_config: dict,
                     info_acc[k] = info_acc.get(k, 0.0) + float(v) / micro_per_rank
         grad_norm = None
         if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(clipped, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -334,11 +341,13 @@ def train(model: torch.nn.Module, task, cfg: TrainConfig, *, model_config: dict,
                 log.log(step=step, **res)
                 last.update(res)
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
-        if cfg.sample_every and step % cfg.sample_every == 0 and hasattr(task, "samples") and d.is_main:
+        if cfg.sample_every and step % cfg.sample_every == 0 and d.is_main:
             raw_model.eval()
-            texts = task.samples(raw_model)
+            with torch.no_grad():
+                texts = task.samples(raw_model)
             raw_model.train()
-            log.log(step=step, samples=texts)
+            if texts:
+                log.log(step=step, samples=texts)
             for t in texts:
                 bar.write(f"  sample: {t!r}")
         if cfg.save_every and step % cfg.save_every == 0 and not done():

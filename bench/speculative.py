@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from lmforge import load
-from lmforge.infer.generate import generate
+from lmforge.infer.engine import generate
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.speculative import check_draft, speculative_generate
 
@@ -50,7 +50,7 @@ def train_model(name: str, tok, ids: np.ndarray, seconds: float, size: dict, out
     from lmforge.model.config import ModelConfig
     from lmforge.model.transformer import Transformer
     from lmforge.stages.pretrain import PretrainTask
-    from lmforge.train.trainer import TrainConfig, train
+    from lmforge.train.trainer import CheckpointSpec, TrainConfig, train
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tok.vocab_size, **size)
@@ -60,7 +60,7 @@ def train_model(name: str, tok, ids: np.ndarray, seconds: float, size: dict, out
                         token_bytes=token_byte_lengths(tok), eval_tokens=8192)
     tcfg = TrainConfig(out_dir=str(out / name), max_steps=None, max_time=seconds, optimizer="muon", lr=3e-3,
                        warmup_steps=10, log_every=20, threads=threads)
-    s = train(Transformer(cfg), task, tcfg, model_config=cfg.to_dict(), tokenizer=tok)
+    s = train(Transformer(cfg), task, tcfg, checkpoint=CheckpointSpec(model_config=cfg.to_dict(), tokenizer=tok))
     print(f"trained {name}: {s['step']} steps in {s['train_time']:.0f}s, "
           f"val loss {s.get('val_loss', float('nan')):.3f}", file=sys.stderr)
     return Path(s["checkpoint"])

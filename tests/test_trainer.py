@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge import checkpoint as ckpt
+from lmforge.errors import WriteError
 from lmforge.runtime import measured_peak_flops
 from lmforge.train.metrics import read_metrics
 from train_driver import assert_identical_runs, run_driver  # tests/ is on sys.path under pytest
@@ -122,7 +123,7 @@ def test_interrupted_checkpoint_write_keeps_last_good(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "save_file", crash)
     with torch.no_grad():
         model.weight.add_(1.0)
-    with pytest.raises(OSError):
+    with pytest.raises(WriteError, match="disk full"):
         ckpt.save(tmp_path / "checkpoint", model=model, model_config={"v": 2})
     assert ckpt.read_config(tmp_path / "checkpoint")["model"] == {"v": 1}
     after = load_file(str(ckpt.resolve(tmp_path) / "model.safetensors"))

@@ -28,18 +28,7 @@ import time
 
 import torch
 
-
-class IdTokenizer:
-    """The engine needs ids -> bytes for its text; this bench compares ids. No BOS/EOS."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def id_to_bytes(self, i: int) -> bytes:
-        return b"x"
-
-    def is_special(self, i: int) -> bool:
-        return False
+from decode import IdTokenizer  # a script's own folder (bench/) is on sys.path
 
 
 def build_model():

@@ -100,7 +100,7 @@ class Engine:
         self.max_batch, self.max_kv_tokens = max_batch, max_kv_tokens
         self.device = next(self.model.parameters()).device
         self._precision = resolve_precision(precision, self.device)
-        # CPU decoding reads (in, out) weight copies ~2x faster at batch 1 (Transformer.use_transposed_weights);
+        # CPU decoding reads (in, out) weight copies faster at batch 1 (Transformer.use_transposed_weights);
         # by default on CPU for models up to 2B parameters (the copy doubles their matmul weights in memory)
         if transposed_weights is None:
             transposed_weights = self.device.type == "cpu" and sum(p.numel() for p in self.model.parameters()) <= 2e9

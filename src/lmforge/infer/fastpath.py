@@ -21,8 +21,8 @@ No Python objects are touched per layer beyond a tuple of prepacked tensors.
 
 Native step: when `lmforge.infer.native` builds on this machine (a C++ compiler and ninja; compiled once, cached),
 `step` runs the whole stack in one C++ call instead: the same matmuls through ATen/MKL and plain loops for
-everything between them (about half the time per token of the PyTorch ops above at ~10 M parameters, where
-dispatch dominates; ~15% at ~125 M, where reading the weights does). `FastDecoder(model, native=False)` keeps the
+everything between them (the gain is largest for small models, where dispatch dominates, and smaller for large
+ones, where reading the weights does; bench/decode.py measures it). `FastDecoder(model, native=False)` keeps the
 PyTorch ops; `dec.native` says which one runs. Both are tested against the module path.
 
 Supported (`supports(cfg)`): RoPE, RMSNorm, SwiGLU, no biases, no qk-norm — Llama/Mistral-style configs; fp32
@@ -115,8 +115,8 @@ class FastDecoder:
                                                  self.norm_w.contiguous(), self.head, H, Hkv, hd, cfg.norm_eps)
 
     def argmax(self, logits: torch.Tensor, vocab: int) -> torch.Tensor:
-        """logits[:, :vocab].argmax(-1), through the C++ step's module when it runs (torch's reduction is ~30 us
-        per call at 8k columns, a few percent of a small model's token)."""
+        """logits[:, :vocab].argmax(-1), through the C++ step's module when it runs (torch's reduction call
+        costs a noticeable share of a small model's token)."""
         if self._ext is not None and logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1 \
                 and logits.device.type == "cpu":
             return self._ext.argmax_rows(logits, vocab)

@@ -299,7 +299,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams | Sequence[Sampl
     # 6. top-k: drop logits below the k-th largest (ties with it survive, as in HF TopKLogitsWarper)
     ks = [min(p.top_k, V) if p.top_k > 0 and not p.greedy else V for p in rows]
     if any(k < V for k in ks):
-        # the k-th largest value per row from one topk of the largest k (a full sort costs ~15x more at 8k ids)
+        # the k-th largest value per row from one topk of the largest k (a full sort of the vocabulary costs far more)
         top = x.topk(max(k for k in ks if k < V), dim=-1).values
         kth = top.gather(1, torch.tensor([min(k, top.size(1)) for k in ks], device=dev).unsqueeze(1) - 1)
         kth = torch.where(torch.tensor([k < V for k in ks], device=dev).unsqueeze(1), kth, float("-inf"))
@@ -355,7 +355,7 @@ def sample(processed: torch.Tensor,
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One id per row of probs [R, V] by inverting the CDF with one uniform draw per row. torch.multinomial draws
-    V exponentials per sample on CPU (~0.3 ms at 8k ids, as long as a small model's whole decode step); this is
+    V exponentials per sample on CPU (at vocabulary size that is as long as a small model's whole decode step); this is
     a float64 cumulative sum and a binary search. A zero-probability id is never drawn: it adds nothing to the
     sum, so no uniform lands in its (empty) interval."""
     cdf = probs.double().cumsum(dim=-1)

@@ -118,11 +118,13 @@ def check_replaceable_dir(path: str | Path, marker: str) -> None:
 
 
 def swap_in(tmp: Path, path: Path) -> None:
-    """Make directory `tmp` appear at `path`: move any old `path` to `path.old`, rename, delete the old one."""
+    """Make directory `tmp` appear at `path`: move any old `path` to `path.old`, rename, delete the old one.
+    At every instant a complete directory exists at `path` or `path.old` (where `checkpoint.resolve` looks): a
+    `.old` left by an earlier crash is only dropped once `path` is there to replace it."""
     old = path.with_name(path.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
     if path.exists():
+        if old.exists():
+            shutil.rmtree(old)
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)

@@ -11,7 +11,6 @@ The task: successor rule x -> 7x+3 mod 60 with 10% uniform noise, so the best ac
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,14 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from train_driver import BOS, VOCAB, synthetic_stream  # noqa: E402
-
-from lmforge.model.config import get_preset  # noqa: E402
-from lmforge.model.transformer import Transformer  # noqa: E402
-from lmforge.train.metrics import read_metrics  # noqa: E402
-from lmforge.stages.pretrain import PretrainTask  # noqa: E402
-from lmforge.train.trainer import CheckpointSpec, TrainConfig, train  # noqa: E402
+from lmforge.data.synthetic import BOS, VOCAB, successor_stream
+from lmforge.model.config import get_preset
+from lmforge.model.transformer import Transformer
+from lmforge.stages.pretrain import PretrainTask
+from lmforge.train.metrics import read_metrics
+from lmforge.train.trainer import CheckpointSpec, TrainConfig, train
 
 
 def run(d_model: int, steps: int, **opt) -> dict:
@@ -37,7 +34,7 @@ def run(d_model: int, steps: int, **opt) -> dict:
     model = Transformer(mcfg)
     token_bytes = np.ones(VOCAB, dtype=np.int64)
     token_bytes[BOS] = 0
-    task = PretrainTask(synthetic_stream(200, 1), synthetic_stream(20, 2), seq_len=32, batch_size=8, bos_id=BOS,
+    task = PretrainTask(successor_stream(200, 1), successor_stream(20, 2), seq_len=32, batch_size=8, bos_id=BOS,
                         token_bytes=token_bytes, seed=0, mode="packed", eval_tokens=1024, progress=False)
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(out_dir=out, max_steps=steps, batch_size=8, warmup_steps=5, precision="fp32",

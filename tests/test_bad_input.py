@@ -86,6 +86,11 @@ CASES = {
         ("mapping-override-not-a-mapping", lambda f: ["--data", f / "data", "--out", "run", "model.overrides=3"]),
         ("recipe-is-a-directory", lambda f: ["--recipe", f, "--data", f / "data", "--out", "run"]),
         ("missing-data", lambda f: ["--data", f / "nope", "--out", "run"]),
+        ("resume-with-nothing-to-resume", lambda f: ["--data", f / "data", "--out", "run", "--resume"]),
+        ("max-steps-negative", lambda f: ["--data", f / "data", "--out", "run", "train.max_steps=-1"]),
+        ("out-is-a-file", lambda f: ["--data", f / "data", "--out", f / "notes.txt", "train.max_steps=1"]),
+        ("vocab-override-below-the-tokenizer", lambda f: ["--data", f / "data", "--out", "run", "train.max_steps=1",
+                                                          "model.overrides={vocab_size: 100}"]),
     ],
     ("eval", "bpb"): [
         ("batch-size-0", lambda f: ["--checkpoint", f / "ck", "--data", f / "data", "--batch-size", "0"]),

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge import checkpoint as ckpt
-from lmforge.errors import WriteError
+from lmforge.errors import CheckpointError, ConfigError, WriteError
 from lmforge.runtime import measured_peak_flops
 from lmforge.train.metrics import read_metrics
 from train_driver import assert_identical_runs, run_driver  # tests/ is on sys.path under pytest
@@ -154,3 +154,39 @@ def test_torchrun_two_processes_match_one_process_with_accumulation(tmp_path):
         wb = load_file(str(two / "checkpoint" / "model.safetensors"))  # rank 0 wrote full, unsharded weights
         assert wa.keys() == wb.keys()
         assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4, name
+
+
+def test_a_second_writer_of_a_run_directory_is_refused_with_the_holders_pid(tmp_path):
+    # a real process holds the run directory (as a running `pretrain` does); ours must not write into it
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from lmforge.io import run_lock\n"
+         "with run_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = TrainConfig(out_dir=str(tmp_path), max_steps=2, progress=False, precision="fp32")
+        with pytest.raises(ConfigError, match=f"pid {holder.pid}"):
+            train(torch.nn.Linear(8, 1), RegressionTask(), cfg, checkpoint=CheckpointSpec(model_config={}))
+        assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the OS released the killed holder's lock: the directory is usable again
+    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=2, progress=False, precision="fp32")
+    train(torch.nn.Linear(8, 1), RegressionTask(), cfg, checkpoint=CheckpointSpec(model_config={}))
+    assert (tmp_path / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_resume_without_a_checkpoint_is_an_error_and_keeps_the_metrics(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=2, progress=False, precision="fp32", resume=True)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(torch.nn.Linear(8, 1), RegressionTask(), cfg, checkpoint=CheckpointSpec(model_config={}))
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'
+
+
+@pytest.mark.parametrize("field", ["max_steps", "max_tokens", "max_time"])
+def test_budgets_must_be_positive(field):
+    with pytest.raises(ConfigError, match="must be > 0") as e:
+        TrainConfig(**{field: -1})
+    assert e.value.field == field

@@ -14,28 +14,12 @@ import numpy as np
 import torch
 
 from lmforge.config import build, parse_overrides
+from lmforge.data.synthetic import BOS, VOCAB, successor_stream
 from lmforge.model.config import get_preset
 from lmforge.model.transformer import Transformer
 from lmforge.train.metrics import read_metrics
 from lmforge.stages.pretrain import PretrainTask
 from lmforge.train.trainer import CheckpointSpec, TrainConfig, train
-
-VOCAB, BOS = 64, 63
-
-
-def synthetic_stream(n_docs: int, seed: int) -> np.ndarray:
-    """Documents that follow a fixed successor rule with 10% noise, each starting with BOS: quickly learnable."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n_docs):
-        tok = int(rng.integers(0, 60))
-        doc = []
-        for _ in range(int(rng.integers(20, 90))):
-            doc.append(tok)
-            tok = (tok * 7 + 3) % 60 if rng.random() > 0.1 else int(rng.integers(0, 60))
-        out += [BOS, *doc]
-    return np.array(out, dtype=np.uint16)
-
 
 def run_driver(out, *overrides, env=None):
     """Run this script in a fresh single-threaded process (what the resume and torchrun tests compare)."""
@@ -74,7 +58,7 @@ def main():
     mcfg = get_preset("tiny", **{"vocab_size": VOCAB, "n_layer": 2, "d_model": 64, "n_head": 4, "n_kv_heads": 2,
                                  "max_seq_len": 32, **model_overrides})
     model = Transformer(mcfg)
-    train_tokens, val_tokens = synthetic_stream(200, 1), synthetic_stream(20, 2)
+    train_tokens, val_tokens = successor_stream(200, 1), successor_stream(20, 2)
     token_bytes = np.ones(VOCAB, dtype=np.int64)
     token_bytes[BOS] = 0
     task = KillingTask(train_tokens, val_tokens, seq_len=32, batch_size=cfg.batch_size, bos_id=BOS,

@@ -131,6 +131,35 @@ def swap_in(tmp: Path, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
+@contextlib.contextmanager
+def run_lock(directory: str | Path) -> Iterator[None]:
+    """Hold `directory/.lock` exclusively while a run writes there: a second writer (another process, or a second
+    run in this one) is refused at once with the holder's PID, instead of both interleaving their checkpoints and
+    metrics. The OS drops the lock when the holder exits, however it exits, so a killed run never leaves it behind."""
+    import fcntl
+
+    from lmforge.errors import ConfigError
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError("exists and is not a directory: a run needs a directory of its own", file=str(directory))
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / ".lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ConfigError(f"another run (pid {holder}) is writing to this directory; wait for it, or choose "
+                              f"another --out", file=str(directory)) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)      # releases the lock (the file stays: deleting it would race with a waiting writer)
+
+
 def _fsync_dir(path: Path) -> None:
     """Make renames inside `path` durable (not possible on every platform: then skipped)."""
     try:

@@ -143,6 +143,9 @@ def build_model(pcfg: PretrainConfig, vocab_size: int):
     from lmforge.model.transformer import Transformer
     over = {"vocab_size": vocab_size, "max_seq_len": pcfg.seq_len, **pcfg.model.overrides}
     mcfg = get_preset(pcfg.model.preset, **over)
+    if mcfg.vocab_size < vocab_size:   # a larger one is fine: padding ids the sampler never draws
+        raise ConfigError(f"{mcfg.vocab_size} is smaller than the tokenizer's {vocab_size} tokens",
+                          field="model.overrides.vocab_size")
     return Transformer(mcfg), mcfg
 
 

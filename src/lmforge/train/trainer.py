@@ -10,6 +10,7 @@ they hold besides weights: a `CheckpointSpec`) with exact resume.
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from lmforge import checkpoint as ckpt
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.io import run_lock
 from lmforge.runtime import (Dist, all_reduce_mean, autocast, init_distributed, measured_peak_flops,
                              resolve_precision)
 from lmforge.train.metrics import MetricsLog, plot_curves
@@ -73,6 +75,10 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        for name in ("max_steps", "max_tokens", "max_time"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"must be > 0 (or null for no limit of this kind), got {value}", field=name)
         if not (self.max_steps or self.max_tokens or self.max_time):
             raise ConfigError("set at least one of max_steps, max_tokens, max_time", field="max_steps")
         for name in ("batch_size", "grad_accum", "log_every"):
@@ -198,7 +204,21 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, *, checkpoint: Checkpo
     """Run the loop; returns a summary (steps, tokens, seconds, last metrics, checkpoint path).
 
     `model` is trained in place; parameters outside task.trainable(model) are left with requires_grad=False.
-    `flops_per_token` (forward + backward) turns on the MFU metric."""
+    `flops_per_token` (forward + backward) turns on the MFU metric. The writing process holds the run directory
+    exclusively (lmforge.io.run_lock) from start to end."""
+    ckpt_dir = Path(cfg.out_dir) / "checkpoint"
+    if cfg.resume and not _has_checkpoint(ckpt_dir):
+        # never silently start again from step 1 over a run's metrics
+        raise CheckpointError("nothing to resume: no complete checkpoint in this run directory (drop --resume / "
+                              "train.resume to start a new run)", file=str(ckpt_dir))
+    if int(os.environ.get("RANK", 0)) != 0:      # only rank 0 writes
+        return _train(model, task, cfg, checkpoint, flops_per_token)
+    with run_lock(cfg.out_dir):
+        return _train(model, task, cfg, checkpoint, flops_per_token)
+
+
+def _train(model: nn.Module, task: Task, cfg: TrainConfig, checkpoint: CheckpointSpec,
+           flops_per_token: float | None) -> dict:
     d, device = init_distributed(cfg.device)
     if cfg.grad_accum % d.world_size:
         raise ConfigError(f"grad_accum={cfg.grad_accum} must be a multiple of the {d.world_size} processes",

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import IO
 
 from lmforge.errors import WriteError
-from lmforge.errors import read_json_object  # noqa: F401  (the one JSON-object reader, re-exported)
 
 
 def write_json(path: str | Path, obj, *, sort_keys: bool = False) -> None:

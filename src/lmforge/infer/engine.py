@@ -126,8 +126,7 @@ class Engine:
         duplicate id, or a request that could never fit the engine raises LmforgeError now."""
         if request_id in self._requests:
             raise ConfigError(f"request id {request_id!r} is already in use", field="request_id")
-        self._waiting.append(self._prepare(request_id, prompt, params, constraint, add_bos))
-        self._requests[request_id] = list(self._waiting[-1].rows)
+        self._enqueue(self._prepare(request_id, prompt, params, constraint, add_bos))
 
     def abort(self, request_id) -> bool:
         """Stop a request, waiting or running; its rows leave the batch now and the next `step()` reports each
@@ -202,8 +201,7 @@ class Engine:
         waiting = [self._prepare((run, i), prompt, p, g, add_bos)
                    for i, (prompt, p, g) in enumerate(zip(prompts, plist, clist))]
         for w in waiting:
-            self._waiting.append(w)
-            self._requests[w.request_id] = list(w.rows)
+            self._enqueue(w)
         return Run(self, [w.prompt_ids for w in waiting], [len(w.rows) for w in waiting],
                    [p.logprobs is not None for p in plist])
 
@@ -232,6 +230,10 @@ class Engine:
                      one.make_generator(self.device, offset=c), Detokenizer(self.tokenizer, p.stop),
                      g.matcher() if g is not None else None, fast=fast, kv_tokens=kv) for c in range(p.n)]
         return _Waiting(request_id, req.prompt_ids, rows)
+
+    def _enqueue(self, w: _Waiting) -> None:
+        self._waiting.append(w)
+        self._requests[w.request_id] = list(w.rows)
 
     def _admit(self) -> list[_Waiting]:
         """Take waiting requests in arrival order while their rows fit the batch and the KV budget."""
@@ -262,7 +264,10 @@ class Engine:
         lens = [len(p) for p in prompts]
         L = max(lens)
         padded = any(n != L for n in lens)
-        cache = model.new_kv_cache(len(prompts), max_len=L)
+        rows = [r for w in admitted for r in w.rows]
+        # an idle engine's cache becomes the running one: size it for the longest budget at once (no regrowth)
+        room = 0 if self._live else max(r.req.budget for r in rows) - 1
+        cache = model.new_kv_cache(len(prompts), max_len=L + room)
         ids = torch.zeros(len(prompts), L, dtype=torch.long)
         mask = torch.zeros(len(prompts), L, dtype=torch.bool)
         for i, p in enumerate(prompts):
@@ -272,16 +277,16 @@ class Engine:
         logits, _ = model(ids, kv_cache=cache, logits_to_keep=1, **({"attn_mask": mask} if padded else {}))
         if padded:
             cache.lengths = torch.tensor(lens, device=dev)
-        rows = [r for w in admitted for r in w.rows]
         src = torch.tensor([i for i, w in enumerate(admitted) for _ in w.rows], device=dev)
         toks = self._sample(logits[:, -1, :].index_select(0, src), rows, outs)
         keep = [j for j, r in enumerate(rows) if not r.done]
         if not keep:
             return
-        kt = torch.tensor(keep, device=dev)
-        cache.select_rows(src.index_select(0, kt))      # fan out, and drop rows that ended on their first token
-        toks = toks.index_select(0, kt)
-        rows = [rows[j] for j in keep]
+        if len(keep) != len(admitted) or len(rows) != len(admitted):
+            kt = torch.tensor(keep, device=dev)
+            cache.select_rows(src.index_select(0, kt))  # fan out, and drop rows that ended on their first token
+            toks = toks.index_select(0, kt)
+            rows = [rows[j] for j in keep]
         if self._live:
             self._cache.append_rows(cache)
             self._next = torch.cat([self._next, toks])

@@ -207,7 +207,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, *, checkpoint: Checkpo
     `flops_per_token` (forward + backward) turns on the MFU metric. The writing process holds the run directory
     exclusively (lmforge.io.run_lock) from start to end."""
     ckpt_dir = Path(cfg.out_dir) / "checkpoint"
-    if cfg.resume and not _has_checkpoint(ckpt_dir):
+    if cfg.resume and not ckpt.is_checkpoint(ckpt_dir):
         # never silently start again from step 1 over a run's metrics
         raise CheckpointError("nothing to resume: no complete checkpoint in this run directory (drop --resume / "
                               "train.resume to start a new run)", file=str(ckpt_dir))
@@ -228,15 +228,13 @@ def _train(model: nn.Module, task: Task, cfg: TrainConfig, checkpoint: Checkpoin
     precision = resolve_precision(cfg.precision, device)
     out = Path(cfg.out_dir)
     ckpt_dir = out / "checkpoint"
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
 
     # -- the model, what trains, what rides along frozen, and the state to resume from --------------------
     model.to(device)
     freeze_modules(task, model, device)
     step, tokens_seen, train_time = 0, 0, 0.0
     resume_state = opt_state = None
-    if cfg.resume and _has_checkpoint(ckpt_dir):
+    if cfg.resume:                          # train() checked there is a checkpoint
         ckpt.load(ckpt_dir, model)
         resume_state, opt_state = ckpt.load_trainer_state(ckpt_dir)
         saved_opt = (resume_state.get("config") or {}).get("optimizer", "adamw")
@@ -386,11 +384,3 @@ def _train(model: nn.Module, task: Task, cfg: TrainConfig, checkpoint: Checkpoin
         avg["mfu_avg"] = flops_per_token * avg["tok_per_s_avg"] / (peak * d.world_size)
     return {"step": step, "tokens": tokens_seen, "train_time": train_time, "precision": precision,
             "device": str(device), "world_size": d.world_size, "checkpoint": str(ckpt_dir), **last, **avg}
-
-
-def _has_checkpoint(path: Path) -> bool:
-    try:
-        ckpt.resolve(path)
-        return True
-    except Exception:
-        return False

@@ -1,0 +1,163 @@
+"""Distillation: the losses against values computed by hand, and `lmforge distill` end to end on tiny models.
+
+Losses (lmforge.train.distill): forward KL, reverse KL and the generalized JSD of GKD on small distributions
+whose divergences are worked out here with plain `math` (not with the code under test); zero when the student
+is the teacher; the gradient pulls the student towards the teacher; β = 0 / 1 are the two KLs and JSD(β) / β
+tends to the forward KL as β → 0 (so β weights the teacher's side, as in TRL); τ² scaling; the mask.
+Stage (lmforge.stages.distill): a few steps of `lmforge distill` give a checkpoint `lmforge.load` reads, holding
+only the student; the teacher gets no gradient and does not change; a student of another vocabulary, or shards
+of another tokenizer, is a one-line error with nothing written.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmforge.train.distill import distill_loss, token_divergence
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# two distributions over 3 tokens, given as log-probabilities (softmax of a log-probability vector is itself)
+P_T = [0.7, 0.2, 0.1]
+P_S = [0.2, 0.5, 0.3]
+
+
+def logits(p):
+    return torch.tensor([math.log(x) for x in p], dtype=torch.float64)
+
+
+def kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+
+def jsd(p_t, p_s, beta):
+    m = [beta * a + (1 - beta) * b for a, b in zip(p_t, p_s)]
+    return beta * kl(p_t, m) + (1 - beta) * kl(p_s, m)
+
+
+def softmax(xs, tau=1.0):
+    e = [math.exp(x / tau) for x in xs]
+    return [x / sum(e) for x in e]
+
+
+# ---- golden values -------------------------------------------------------------------------------------------
+def test_hand_computed_values():
+    s, t = logits(P_S), logits(P_T)
+    # KL(T||S) = .7 ln(.7/.2) + .2 ln(.2/.5) + .1 ln(.1/.3)
+    fkl = 0.7 * math.log(3.5) + 0.2 * math.log(0.4) + 0.1 * math.log(1 / 3)
+    rkl = 0.2 * math.log(0.2 / 0.7) + 0.5 * math.log(2.5) + 0.3 * math.log(3.0)
+    assert fkl == pytest.approx(0.5838, abs=1e-4) and rkl == pytest.approx(0.5372, abs=1e-4)   # asymmetric
+    assert distill_loss(s, t, kind="fkl").item() == pytest.approx(fkl, rel=1e-6)
+    assert distill_loss(s, t, kind="rkl").item() == pytest.approx(rkl, rel=1e-6)
+    # β = 0.5: M = (.45, .35, .2)
+    m = [0.45, 0.35, 0.2]
+    j = 0.5 * (0.7 * math.log(0.7 / 0.45) + 0.2 * math.log(0.2 / 0.35) + 0.1 * math.log(0.1 / 0.2)) \
+        + 0.5 * (0.2 * math.log(0.2 / 0.45) + 0.5 * math.log(0.5 / 0.35) + 0.3 * math.log(0.3 / 0.2))
+    assert distill_loss(s, t, kind="jsd", beta=0.5).item() == pytest.approx(j, rel=1e-6)
+    # β = 0.9: M = .9 T + .1 S weights the teacher's side
+    assert distill_loss(s, t, kind="jsd", beta=0.9).item() == pytest.approx(jsd(P_T, P_S, 0.9), rel=1e-6)
+    assert distill_loss(s, t, kind="jsd", beta=0.9).item() != pytest.approx(jsd(P_T, P_S, 0.1), rel=1e-3)
+
+
+def test_temperature_softens_both_and_scales_by_tau_squared():
+    s, t = torch.tensor([2.0, -1.0, 0.5, 0.0]), torch.tensor([0.0, 1.5, -2.0, 3.0])
+    for tau in (1.0, 2.0, 4.0):
+        ps, pt = softmax(s.tolist(), tau), softmax(t.tolist(), tau)
+        assert distill_loss(s, t, kind="fkl", temperature=tau).item() == pytest.approx(tau ** 2 * kl(pt, ps), rel=1e-5)
+        assert distill_loss(s, t, kind="rkl", temperature=tau).item() == pytest.approx(tau ** 2 * kl(ps, pt), rel=1e-5)
+        assert distill_loss(s, t, kind="jsd", beta=0.3, temperature=tau).item() == \
+            pytest.approx(tau ** 2 * jsd(pt, ps, 0.3), rel=1e-5)
+
+
+def test_gradient_is_tau_times_student_minus_teacher():
+    """d/dz_S of τ² KL(p_T || p_S) = τ (p_S − p_T), averaged over the positions: the step lowers every logit
+    where the student has too much mass and raises it where it has too little."""
+    torch.manual_seed(0)
+    s = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 5, dtype=torch.float64)
+    for tau in (1.0, 3.0):
+        s.grad = None
+        distill_loss(s, t, kind="fkl", temperature=tau).backward()
+        expected = tau * (torch.softmax(s.detach() / tau, -1) - torch.softmax(t / tau, -1)) / 3
+        torch.testing.assert_close(s.grad, expected)
+
+
+@pytest.mark.parametrize("kind,beta", [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.9)])
+def test_a_gradient_step_moves_the_student_towards_the_teacher(kind, beta):
+    s, t = logits(P_S).clone().requires_grad_(True), logits(P_T)
+    before = distill_loss(s, t, kind=kind, beta=beta)
+    before.backward()
+    # the student's most overweighted token (1: .5 vs .2) is pushed down, the most underweighted (0) up
+    assert s.grad[1] > 0 and s.grad[0] < 0
+    with torch.no_grad():
+        after = distill_loss(s - 0.1 * s.grad, t, kind=kind, beta=beta)
+    assert after < before
+    assert torch.isfinite(s.grad).all()
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd"])
+def test_zero_when_the_student_is_the_teacher(kind):
+    torch.manual_seed(1)
+    t = torch.randn(2, 7, 11) * 3
+    s = (t + 5.0).requires_grad_(True)         # a constant shift is the same distribution
+    loss = distill_loss(s, t, kind=kind, temperature=2.0)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    loss.backward()
+    assert s.grad.abs().max() < 1e-6
+
+
+def test_beta_edges_are_the_two_kls_and_jsd_tends_to_them():
+    s, t = logits(P_S), logits(P_T)
+    fkl, rkl = kl(P_T, P_S), kl(P_S, P_T)
+    assert distill_loss(s, t, kind="jsd", beta=0.0).item() == pytest.approx(fkl, rel=1e-6)
+    assert distill_loss(s, t, kind="jsd", beta=1.0).item() == pytest.approx(rkl, rel=1e-6)
+    # JSD(β) ≈ β KL(T||S) near 0 and (1-β) KL(S||T) near 1: β weights the teacher's side
+    for b in (1e-3, 1e-4):
+        assert distill_loss(s, t, kind="jsd", beta=b).item() / b == pytest.approx(fkl, rel=20 * b)
+        assert distill_loss(s, t, kind="jsd", beta=1 - b).item() / b == pytest.approx(rkl, rel=20 * b)
+    with pytest.raises(ValueError):
+        distill_loss(s, t, kind="jsd", beta=1.5)
+    with pytest.raises(ValueError):
+        distill_loss(s, t, kind="nope")
+
+
+def test_mean_over_the_masked_positions_only():
+    s = torch.stack([logits(P_S), logits(P_T), logits(P_T)])[None]     # (1, 3, 3): positions 1, 2 agree
+    t = torch.stack([logits(P_T), logits(P_T), logits(P_S)])[None]
+    mask = torch.tensor([[True, True, False]])
+    assert distill_loss(s, t, mask, kind="fkl").item() == pytest.approx(kl(P_T, P_S) / 2, rel=1e-6)
+    assert distill_loss(s, t, mask.long(), kind="fkl").item() == pytest.approx(kl(P_T, P_S) / 2, rel=1e-6)
+    none = torch.zeros_like(mask)
+    s.requires_grad_(True)
+    out = distill_loss(s, t, none)
+    assert out.item() == 0.0
+    out.backward()                                                    # connected, with a zero gradient
+    assert s.grad.abs().sum() == 0
+
+
+def test_zero_probabilities_are_finite_and_exact():
+    """A token the teacher rules out (logit -inf) adds nothing to KL(T||S), and nothing becomes NaN."""
+    t = torch.tensor([0.0, 0.0, float("-inf")])
+    s = torch.tensor([math.log(0.25), math.log(0.25), math.log(0.5)], requires_grad=True)
+    loss = distill_loss(s, t, kind="fkl")                   # .5 ln(.5/.25) twice
+    assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(s.grad).all()
+    for kind in ("fkl", "rkl", "jsd"):
+        both = torch.tensor([0.0, float("-inf"), 1.0], requires_grad=True)
+        out = distill_loss(both, both.detach().clone(), kind=kind)
+        out.backward()
+        assert out.item() == pytest.approx(0.0, abs=1e-6) and torch.isfinite(both.grad).all()
+    # large logits: log-softmax, not log(softmax)
+    big = torch.tensor([1000.0, 0.0, -1000.0])
+    assert torch.isfinite(distill_loss(big, big.flip(0), kind="jsd"))
+    assert torch.isfinite(token_divergence(torch.log_softmax(big, -1), torch.log_softmax(big.flip(0), -1), "rkl"))
+
+
+def test_shapes_must_agree():
+    with pytest.raises(ValueError, match="vocabular"):
+        distill_loss(torch.zeros(2, 5), torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="temperature"):
+        distill_loss(torch.zeros(2, 5), torch.zeros(2, 5), temperature=0.0)

@@ -12,7 +12,7 @@ from lmforge.verbs import Verb, add_source_options, no_arguments
 
 # ---- list -----------------------------------------------------------------------------------------------
 def cmd_list(args) -> int:
-    """`lmforge data list`: the built-in corpora as an aligned table."""
+    """`lmforge data list`: the built-in corpora, then the built-in instruction sources, as aligned tables."""
     from lmforge.data.corpus import list_builtins
 
     rows, builtins = [("NAME", "WHAT", "DOCS", "SIZE", "SOURCE (LICENSE)")], list_builtins()
@@ -30,7 +30,27 @@ def cmd_list(args) -> int:
     for b in builtins:
         if not b["available"]:
             print(f"{b['name']}: {b['error']}")
+    print()
+    _list_instruction_sources()
     return 0
+
+
+def _list_instruction_sources() -> None:
+    """The built-in instruction sources and task families (lmforge.data.tasks), as a second table."""
+    from lmforge.data.tasks import list_sources
+
+    rows, sources = [("NAME", "KIND", "SIZE", "WHAT")], list_sources()
+    for s in sources:
+        kind = "task (with scorer)" if s["scorer"] else "instruction (no scorer)"
+        size = s["size"] if isinstance(s["size"], str) else \
+            f"{s['size']:,} conversations" if s["size"] is not None else "not installed"
+        rows.append((s["name"], kind, size, s["description"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])
+    for s in sources:
+        if s["error"]:
+            print(f"{s['name']}: {s['error']}")
 
 
 def _human(n: int) -> str:
@@ -82,7 +102,7 @@ def cmd_prepare(args) -> int:
 
 
 VERBS = [
-    Verb(("data", "list"), "list the built-in corpora", no_arguments, cmd_list),
+    Verb(("data", "list"), "list the built-in corpora, instruction sources and task families", no_arguments, cmd_list),
     Verb(("data", "prepare"), "tokenize a corpus into train.bin / val.bin / meta.json", prepare_arguments,
          cmd_prepare),
 ]

@@ -1,0 +1,153 @@
+"""`arithmetic`: lmforge's own task family, integer problems such as "What is 47 + 385?".
+
+    arithmetic                        operands of up to 2 digits, + and -
+    arithmetic:digits=3               up to 3 digits (the difficulty)
+    arithmetic:digits=3,ops=+-*       also products ('x' works for '*' too)
+    arithmetic:digits=5,tools=true    demonstrations call the calculator tool instead of answering at once
+
+Operands are drawn uniformly from 0 .. 10**digits - 1; a difference may be negative. The canonical text of a
+problem is its expression ("47+385"), which decides its split (problems.split_of), so the held-out problems of
+`arithmetic:digits=2` never appear in the training split of any arithmetic source. A space of at most
+ENUMERATE problems is listed whole and shuffled by the seed (exact, no repeats within an eval draw); a larger one
+is sampled.
+
+The scorer takes the LAST number in the response ("47 + 385 = 432" counts as 432; thousands commas and a
+trailing ".0" are read as numbers) and compares it with the exact result.
+"""
+from __future__ import annotations
+
+import functools
+import random
+import re
+from collections.abc import Iterator
+from decimal import Decimal, InvalidOperation
+
+from lmforge.data.problems import Problem, TaskFamily, check_split, parse_bool, parse_options, split_of
+from lmforge.errors import ConfigError
+
+OPS = "+-*"
+MAX_DIGITS = 9
+ENUMERATE = 200_000            # problem spaces up to this size are listed whole
+
+# The calculator as the demonstrations declare it (OpenAI `tools` shape). The runtime tool of the same name takes
+# the same arguments; the result the demonstrations show is computed here, exactly.
+CALCULATOR_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": "Evaluate an arithmetic expression (integers and decimals, + - * / % **, parentheses) "
+                       "and return its value.",
+        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+                       "required": ["expression"]},
+    },
+}
+
+# A number: its minus counts only when it is not a binary minus ("3-5" ends in 5, "= -338" in -338); thousands
+# commas only in groups of three; digits glued to letters count ("x=12", "答案432").
+_FINAL = re.compile(r"((?:(?<![\w.)])[-\u2212])?)(?<![\d.])((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?!\d)")
+
+
+def final_number(text: str) -> Decimal | None:
+    """The last number in `text` (see the module docstring), or None."""
+    last = None
+    for m in _FINAL.finditer(text):
+        last = m
+    if last is None:
+        return None
+    try:
+        value = Decimal(last.group(2).replace(",", ""))
+    except InvalidOperation:
+        return None
+    return -value if last.group(1) else value
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+class ArithmeticFamily(TaskFamily):
+    def __init__(self, digits: int = 2, ops: str = "+-", tools: bool = False, source: str | None = None):
+        if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= MAX_DIGITS:
+            raise ConfigError(f"{source or 'arithmetic'!r}: digits must be an integer in 1..{MAX_DIGITS}, "
+                              f"got {digits!r}", field="source")
+        norm = "".join(dict.fromkeys("*" if c in "x\u00d7" else c for c in ops if not c.isspace()))
+        if not norm or any(c not in OPS for c in norm):
+            raise ConfigError(f"{source or 'arithmetic'!r}: ops must be made of + - * (or x), got {ops!r}",
+                              field="source")
+        self.digits, self.ops = digits, "".join(c for c in OPS if c in norm)   # canonical order
+        self.tools = [CALCULATOR_TOOL] if tools else None
+        opts = [f"digits={digits}"] + ([f"ops={self.ops}"] if self.ops != "+-" else []) + \
+            (["tools=true"] if tools else [])
+        self.name = "arithmetic:" + ",".join(opts)
+        self.description = (f"integer {' '.join(self.ops)} with operands of up to {digits} digits"
+                            + (", demonstrations call the calculator" if tools else ""))
+
+    @classmethod
+    def from_options(cls, text: str, source: str) -> "ArithmeticFamily":
+        opts = parse_options(text, source, {"digits": "N (1..9, default 2)", "ops": "+-* (default +-)",
+                                            "tools": "true|false"})
+        try:
+            digits = int(opts.get("digits", "2"))
+        except ValueError:
+            raise ConfigError(f"{source!r}: digits expects an integer, got {opts['digits']!r}",
+                              field="source") from None
+        tools = parse_bool(opts["tools"], source, "tools") if "tools" in opts else False
+        return cls(digits, opts.get("ops", "+-"), tools, source=source)
+
+    # ---- the problem space
+    @property
+    def space(self) -> int:
+        return len(self.ops) * 10 ** (2 * self.digits)
+
+    def make(self, a: int, op: str, b: int) -> Problem:
+        key = f"{a}{op}{b}"
+        return Problem([{"role": "user", "content": f"What is {a} {op} {b}?"}], str(_apply(a, op, b)), key,
+                       {"a": a, "op": op, "b": b, "expression": key})
+
+    def iter_problems(self, split: str, seed: int) -> Iterator[Problem]:
+        check_split(split)
+        rng = random.Random(f"arithmetic:{seed}:{split}")     # str seeds hash the same on every run
+        if self.space <= ENUMERATE:
+            items = list(_enumerated(self.digits, self.ops, split))
+            if not items:
+                return
+            while True:           # eval: one pass over distinct problems; train: endless reshuffled epochs
+                order = items[:]
+                rng.shuffle(order)
+                for a, op, b in order:
+                    yield self.make(a, op, b)
+                if split == "eval":
+                    return
+        top, seen, misses = 10 ** self.digits, set(), 0
+        while misses < 100_000:   # the eval space is at least ENUMERATE/10 problems: misses end only a huge draw
+            a, op, b = rng.randrange(top), rng.choice(self.ops), rng.randrange(top)
+            key = f"{a}{op}{b}"
+            if split_of(key) != split or (split == "eval" and key in seen):
+                misses += 1
+                continue
+            misses = 0
+            if split == "eval":
+                seen.add(key)
+            yield self.make(a, op, b)
+
+    # ---- scoring and demonstrations
+    def score(self, problem: Problem, response: str) -> float:
+        got = final_number(response or "")
+        return 1.0 if got is not None and got == Decimal(problem.answer) else 0.0
+
+    def demonstration(self, problem: Problem, tools: bool = False) -> list[dict]:
+        msgs = [dict(m) for m in problem.messages]
+        if not tools:
+            return msgs + [{"role": "assistant", "content": problem.answer}]
+        expression = problem.meta["expression"]
+        call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}
+        return msgs + [{"role": "assistant", "content": "", "tool_calls": [call]},
+                       {"role": "tool", "content": problem.answer},
+                       {"role": "assistant", "content": problem.answer}]
+
+
+@functools.lru_cache(maxsize=16)
+def _enumerated(digits: int, ops: str, split: str) -> tuple[tuple[int, str, int], ...]:
+    top = 10 ** digits
+    return tuple((a, op, b) for op in ops for a in range(top) for b in range(top)
+                 if split_of(f"{a}{op}{b}") == split)

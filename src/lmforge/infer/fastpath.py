@@ -175,7 +175,7 @@ class FastDecoder:
                 and cache.v.is_contiguous():
             self._table(S)    # positions never exceed the slot index
             logits = self._native.step(
-                tokens.reshape(B).long().contiguous(),
+                tokens.reshape(B, 1).long().contiguous(),
                 _NO_POSITIONS if position_ids is None else position_ids.reshape(B).long().contiguous(),
                 pad if mask is not None else _NO_MASK, cache.k, cache.v, pos, self._cos, self._sin)
             cache.pos = S
@@ -205,6 +205,24 @@ class FastDecoder:
             x = torch.addmm(x, F.silu(gate) * up, w_down)
         cache.pos = S
         return rms(x, self.norm_w) @ self.head
+
+    def extend(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+        """T new tokens per row in one pass (a speculative verify: the last token and K proposals): tokens (B, T)
+        -> logits (B, T, V), token t attending to the cache and to tokens <= t; writes slots cache.pos.. and
+        advances cache.pos by T. Each weight is read once for all B*T positions, so on a memory-bound model this
+        costs about one decode step. None when the C++ step does not run here (the caller uses the model)."""
+        B, T = tokens.shape
+        pos = cache.pos
+        if self._native is None or cache.k.dtype != torch.float32 or not (cache.k.is_contiguous()
+                                                                            and cache.v.is_contiguous()):
+            return None
+        if pos + T > cache.max_len or pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence exceeds the cache ({cache.max_len}) or max_seq_len ({self.cfg.max_seq_len})")
+        self._table(pos + T)
+        logits = self._native.step(tokens.long().contiguous(), _NO_POSITIONS, _NO_MASK, cache.k, cache.v, pos,
+                                   self._cos, self._sin)
+        cache.pos = pos + T
+        return logits.view(B, T, -1)
 
     def _rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x * rsqrt(mean(x^2) + eps) * w for 2-D fp32 x in 5 cheap ops: a vector norm is one fast reduction

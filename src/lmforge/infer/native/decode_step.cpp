@@ -1,9 +1,10 @@
-// lmforge native decode step: one new token per row through a Llama-style model (RoPE, RMSNorm, SwiGLU,
+// lmforge native decode step: one or a few new tokens per row through a Llama-style model (RoPE, RMSNorm, SwiGLU,
 // grouped-query attention, no biases), fp32 on CPU. Built on first use by lmforge/infer/native.py.
 //
 // Why C++: at batch 1 a small model's decode step is about 25 tensor calls per layer from Python, and each costs
-// microseconds of dispatch, which is more than the arithmetic. Here the matmuls stay ATen/MKL calls (they are
-// memory-bound and MKL streams the weights well) and everything between them -- RMSNorm, RoPE, the cache write,
+// microseconds of dispatch, which is more than the arithmetic. Here single-row matmuls stay ATen/MKL calls (they
+// are memory-bound and MKL's GEMV streams the weights well), multi-row ones (batches, speculative verification) go
+// through a packed-panel kernel that reads each weight once for all rows, and everything between them -- RMSNorm, RoPE, the cache write,
 // single-query attention, SiLU*up -- is a plain loop over a few hundred floats. The math is the same as
 // Transformer.forward (and lmforge.infer.fastpath): tests compare the logits to 1e-5.
 #include <ATen/ATen.h>
@@ -11,6 +12,9 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <cmath>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 #include <limits>
 #include <vector>
 
@@ -37,12 +41,125 @@ inline void rope_head(const float* x, const float* cos, const float* sin, float 
   }
 }
 
+// ---- small-M matmul on packed weights -----------------------------------------------------------------------
+// A decode step multiplies a few rows (batch rows, or the K+1 positions of a speculative verify) by every weight
+// matrix. MKL's sgemm at 2-16 rows is several times slower than its single-row GEMV here, so a batch-8 step cost
+// nearly 8 batch-1 steps. This kernel reads each weight once per step for all rows: weights are repacked into
+// panels of 16 output columns, (P, K, 16) contiguous (zero-padded), so a panel streams sequentially, and for each
+// group of up to 4 rows the 4x16 block of outputs lives in 8 AVX registers while k runs over the panel.
+constexpr int64_t PANEL = 16;
+
+at::Tensor pack_panels(const at::Tensor& w) {              // w: (K, N), the (in, out) operand, any strides
+  const int64_t K = w.size(0), N = w.size(1), P = (N + PANEL - 1) / PANEL;
+  at::Tensor packed = at::zeros({P, K, PANEL}, w.options().dtype(at::kFloat));
+  at::Tensor src = w.to(at::kFloat);
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t n0 = p * PANEL, n = std::min(PANEL, N - n0);
+    packed[p].narrow(1, 0, n).copy_(src.narrow(1, n0, n));
+  }
+  return packed;
+}
+
+// rows [0, R) of x (row stride ldx) times one panel -> columns [0, ncols) of out (row stride ldo); acc: out +=
+template <int R>
+inline void panel_kernel(const float* x, int64_t ldx, const float* wp, int64_t K, float* out, int64_t ldo,
+                         int64_t ncols, bool acc) {
+  float res[R][PANEL];
+#if defined(__AVX2__) && defined(__FMA__)
+  constexpr int U = R <= 2 ? 2 : 1;                        // few rows: two k-chains hide the FMA latency
+  __m256 c[U][R][2];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < R; ++r) c[u][r][0] = c[u][r][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + U <= K; k += U) {
+    for (int u = 0; u < U; ++u) {
+      const float* w = wp + (k + u) * PANEL;
+      const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k + u);
+        c[u][r][0] = _mm256_fmadd_ps(xb, w0, c[u][r][0]);
+        c[u][r][1] = _mm256_fmadd_ps(xb, w1, c[u][r][1]);
+      }
+    }
+  }
+  for (; k < K; ++k) {
+    const float* w = wp + k * PANEL;
+    const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
+      c[0][r][0] = _mm256_fmadd_ps(xb, w0, c[0][r][0]);
+      c[0][r][1] = _mm256_fmadd_ps(xb, w1, c[0][r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256 a0 = c[0][r][0], a1 = c[0][r][1];
+    for (int u = 1; u < U; ++u) {
+      a0 = _mm256_add_ps(a0, c[u][r][0]);
+      a1 = _mm256_add_ps(a1, c[u][r][1]);
+    }
+    _mm256_storeu_ps(res[r], a0);
+    _mm256_storeu_ps(res[r] + 8, a1);
+  }
+#else
+  for (int r = 0; r < R; ++r) std::fill(res[r], res[r] + PANEL, 0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    const float* w = wp + k * PANEL;
+    for (int r = 0; r < R; ++r) {
+      const float xv = x[r * ldx + k];
+#pragma omp simd
+      for (int j = 0; j < PANEL; ++j) res[r][j] += xv * w[j];
+    }
+  }
+#endif
+  for (int r = 0; r < R; ++r) {
+    float* o = out + r * ldo;
+    if (acc) {
+      for (int64_t j = 0; j < ncols; ++j) o[j] += res[r][j];
+    } else {
+      std::copy(res[r], res[r] + ncols, o);
+    }
+  }
+}
+
+// out (M, N) = x (M, K) @ W  (acc: out += x @ W); W given as pack_panels(W). x and out contiguous fp32.
+void packed_mm(const at::Tensor& x, const at::Tensor& packed, int64_t N, at::Tensor& out, bool acc) {
+  const int64_t M = x.size(0), K = x.size(1), P = packed.size(0);
+  TORCH_CHECK(packed.size(1) == K && packed.size(2) == PANEL && (N + PANEL - 1) / PANEL == P, "packed shape");
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && out.size(0) == M && out.size(1) == N, "x/out shape");
+  const float* xp = x.data_ptr<float>();
+  const float* wp = packed.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  // a chunk of panels per task: enough work (~64k multiply-adds) to be worth a thread hand-off
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, M * K * PANEL));
+  at::parallel_for(0, P, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; ++p) {
+      const float* w = wp + p * K * PANEL;
+      const int64_t n0 = p * PANEL, nc = std::min(PANEL, N - n0);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) panel_kernel<4>(xp + m * K, K, w, K, op + m * N + n0, N, nc, acc);
+      switch (M - m) {
+        case 3: panel_kernel<3>(xp + m * K, K, w, K, op + m * N + n0, N, nc, acc); break;
+        case 2: panel_kernel<2>(xp + m * K, K, w, K, op + m * N + n0, N, nc, acc); break;
+        case 1: panel_kernel<1>(xp + m * K, K, w, K, op + m * N + n0, N, nc, acc); break;
+        default: break;
+      }
+    }
+  });
+}
+
+at::Tensor packed_mm_py(at::Tensor x, at::Tensor packed, int64_t N, c10::optional<at::Tensor> out) {
+  at::Tensor o = out.has_value() ? *out : at::empty({x.size(0), N}, x.options());
+  packed_mm(x.contiguous(), packed, N, o, out.has_value());
+  return o;
+}
+
 }  // namespace
 
 class NativeDecoder {
  public:
   // layers: 6 tensors per layer: attn_norm (D), W_qkv (D, (H+2Hkv)hd), W_o (H hd, D), ffn_norm (D),
   // W_gate_up (D, 2F), W_down (F, D); every W is the (in, out) operand of x @ W (any strides at::mm takes).
+  // Single-row steps use them through MKL (its GEMV streams them well); steps of 2+ rows use packed copies.
   NativeDecoder(at::Tensor emb, std::vector<at::Tensor> layers, at::Tensor norm_w, at::Tensor head, int64_t n_head,
                 int64_t n_kv_heads, int64_t head_dim, double eps)
       : emb_(emb), layers_(std::move(layers)), norm_w_(norm_w), head_(head), H_(n_head), Hkv_(n_kv_heads),
@@ -59,17 +176,32 @@ class NativeDecoder {
     TORCH_CHECK(norm_w_.is_contiguous(), "final norm weight");
   }
 
-  // tokens (B) int64; positions (B) int64 (the RoPE position of each row's new token) or empty for `pos`;
-  // mask: (B, >= S) bool with row stride, True = real token, or an empty tensor for no padding; K, V: (L, B, Hkv, max_len, hd) contiguous
-  // fp32 caches whose slot `pos` is written; cos/sin: (P, hd) tables, sin with rotate_half's sign folded in.
-  // Returns logits (B, V). The caller advances the cache position.
+  // Packs the weights for multi-row steps (a second copy of them; built on the first multi-row step, so a
+  // batch-1-only user never pays its memory).
+  void ensure_packed() {
+    if (!packed_.empty()) return;
+    for (int64_t l = 0; l < L_; ++l)
+      for (int i : {1, 2, 4, 5}) packed_.push_back(pack_panels(layers_[6 * l + i]));
+    packed_head_ = pack_panels(head_);
+  }
+
+  // tokens (B, T) int64: T new tokens per row, at cache slots pos..pos+T-1; positions (B) int64, the RoPE
+  // position of each row's first new token, or empty for `pos`; mask: (B, >= pos+T) bool with row stride, True =
+  // real token (the new tokens must be True), or an empty tensor for no padding; K, V: (L, B, Hkv, max_len, hd)
+  // contiguous fp32 caches; cos/sin: (P, hd) tables, sin with rotate_half's sign folded in. New token t of a row
+  // attends to slots [0, pos+t] (causal among the new tokens). Returns logits (B*T, V), row b*T+t. The caller
+  // advances the cache position.
   at::Tensor step(at::Tensor tokens, at::Tensor positions, at::Tensor mask, at::Tensor K, at::Tensor V, int64_t pos,
                   at::Tensor cos, at::Tensor sin) {
-    const int64_t B = tokens.size(0), D = D_, H = H_, Hkv = Hkv_, hd = hd_, F = F_, S = pos + 1;
+    TORCH_CHECK(tokens.dim() == 2 && tokens.is_contiguous() && tokens.scalar_type() == at::kLong,
+                "tokens: contiguous int64 (B, T)");
+    const int64_t B = tokens.size(0), T = tokens.size(1), M = B * T;
+    const int64_t D = D_, H = H_, Hkv = Hkv_, hd = hd_, F = F_, S = pos + T;
     const int64_t NH = H + 2 * Hkv, g = H / Hkv, Smax = K.size(3);
+    TORCH_CHECK(T >= 1, "at least one new token per row");
     TORCH_CHECK(K.is_contiguous() && V.is_contiguous() && K.scalar_type() == at::kFloat && K.sizes() == V.sizes() &&
                 K.dim() == 5 && K.size(0) == L_ && K.size(1) == B && K.size(2) == Hkv && K.size(4) == hd &&
-                S <= Smax, "KV cache: contiguous fp32 (L, B, Hkv, max_len, hd) with room for slot pos");
+                S <= Smax, "KV cache: contiguous fp32 (L, B, Hkv, max_len, hd) with room for slots pos..pos+T-1");
     TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(1) == hd, "bad rope tables");
     const bool masked = mask.numel() > 0;
     const int64_t* tok = tokens.data_ptr<int64_t>();
@@ -79,23 +211,35 @@ class NativeDecoder {
       std::copy(positions.data_ptr<int64_t>(), positions.data_ptr<int64_t>() + B, posv.begin());
     }
     const int64_t* posn = posv.data();
-    TORCH_CHECK(tokens.is_contiguous() && tokens.scalar_type() == at::kLong, "tokens: contiguous int64");
     TORCH_CHECK(!masked || (mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == B &&
-                            mask.size(1) >= S && mask.stride(1) == 1), "mask: (B, >= pos + 1) bool rows");
+                            mask.size(1) >= S && mask.stride(1) == 1), "mask: (B, >= pos + T) bool rows");
     for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK(posn[b] >= 0 && posn[b] < cos.size(0), "position outside the rope table");
-      TORCH_CHECK(tok[b] >= 0 && tok[b] < emb_.size(0), "token id outside the embedding");
+      TORCH_CHECK(posn[b] >= 0 && posn[b] + T <= cos.size(0), "position outside the rope table");
+      for (int64_t t = 0; t < T; ++t)
+        TORCH_CHECK(tok[b * T + t] >= 0 && tok[b * T + t] < emb_.size(0), "token id outside the embedding");
     }
     const bool* mk = masked ? mask.data_ptr<bool>() : nullptr;
     const int64_t mstride = masked ? mask.stride(0) : 0;
+    const bool multi = M > 1;
+    if (multi) ensure_packed();
 
     auto opts = emb_.options();
-    at::Tensor x = at::empty({B, D}, opts), xn = at::empty({B, D}, opts);
-    at::Tensor qkv = at::empty({B, NH * hd}, opts), y = at::empty({B, H * hd}, opts);
-    at::Tensor gu = at::empty({B, 2 * F}, opts), hbuf = at::empty({B, F}, opts);
+    at::Tensor x = at::empty({M, D}, opts), xn = at::empty({M, D}, opts);
+    at::Tensor qkv = at::empty({M, NH * hd}, opts), y = at::empty({M, H * hd}, opts);
+    at::Tensor gu = at::empty({M, 2 * F}, opts), hbuf = at::empty({M, F}, opts);
     float* xp = x.data_ptr<float>();
     const float* ep = emb_.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b) std::copy(ep + tok[b] * D, ep + (tok[b] + 1) * D, xp + b * D);
+    for (int64_t m = 0; m < M; ++m) std::copy(ep + tok[m] * D, ep + (tok[m] + 1) * D, xp + m * D);
+    // out (=|+=) in @ W_i of layer l: MKL for one row, the packed kernel for several
+    auto matmul = [&](at::Tensor& out, const at::Tensor& in, int64_t l, int i, bool acc) {
+      if (!multi) {
+        if (acc) at::addmm_out(out, out, in, layers_[6 * l + i]);
+        else at::mm_out(out, in, layers_[6 * l + i]);
+      } else {
+        const int slot = i == 1 ? 0 : i == 2 ? 1 : i == 4 ? 2 : 3;
+        packed_mm(in, packed_[4 * l + slot], out.size(1), out, acc);
+      }
+    };
 
     float* kc = K.data_ptr<float>();
     float* vc = V.data_ptr<float>();
@@ -108,85 +252,91 @@ class NativeDecoder {
 
     for (int64_t l = 0; l < L_; ++l) {
       const at::Tensor* w = &layers_[6 * l];
-      rms_norm(xp, w[0].data_ptr<float>(), xn.data_ptr<float>(), B, D, eps_);
-      at::mm_out(qkv, xn, w[1]);
-      // RoPE (q scaled by 1/sqrt(hd)) in place for q; k rotated and v copied straight into cache slot `pos`
+      rms_norm(xp, w[0].data_ptr<float>(), xn.data_ptr<float>(), M, D, eps_);
+      matmul(qkv, xn, l, 1, false);
+      // RoPE (q scaled by 1/sqrt(hd)) in place for q; k rotated and v copied straight into cache slot pos+t
       float* qp = qkv.data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b) {
-        const float* c = ct + posn[b] * hd;
-        const float* s = st + posn[b] * hd;
-        float* row = qp + b * NH * hd;
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t b = m / T, t = m % T;
+        const float* c = ct + (posn[b] + t) * hd;
+        const float* s = st + (posn[b] + t) * hd;
+        float* row = qp + m * NH * hd;
         for (int64_t h = 0; h < H; ++h) {
           rope_head(row + h * hd, c, s, qscale, tmp.data(), hd);
           std::copy(tmp.begin(), tmp.end(), row + h * hd);
         }
         for (int64_t h = 0; h < Hkv; ++h) {
-          const int64_t slot = (((l * B + b) * Hkv + h) * Smax + pos) * hd;
+          const int64_t slot = (((l * B + b) * Hkv + h) * Smax + pos + t) * hd;
           rope_head(row + (H + h) * hd, c, s, 1.0f, kc + slot, hd);
           std::copy(row + (H + Hkv + h) * hd, row + (H + Hkv + h + 1) * hd, vc + slot);
         }
       }
-      // single-query attention over slots [0, S) of each row (padding slots masked out)
+      // attention of each new token over slots [0, pos+t] of its row (padding slots masked out)
       float* yp = y.data_ptr<float>();
-      at::parallel_for(0, B * H, grain, [&](int64_t lo, int64_t hi) {
+      at::parallel_for(0, M * H, grain, [&](int64_t lo, int64_t hi) {
         std::vector<float> p(S);
-        for (int64_t bh = lo; bh < hi; ++bh) {
-          const int64_t b = bh / H, h = bh % H, kh = h / g;
-          const float* q = qp + b * NH * hd + h * hd;
+        for (int64_t mh = lo; mh < hi; ++mh) {
+          const int64_t m = mh / H, h = mh % H, b = m / T, t = m % T, kh = h / g, St = pos + t + 1;
+          const float* q = qp + m * NH * hd + h * hd;
           const float* kb = kc + ((l * B + b) * Hkv + kh) * Smax * hd;
           const float* vb = vc + ((l * B + b) * Hkv + kh) * Smax * hd;
           float mx = -std::numeric_limits<float>::infinity();
-          for (int64_t t = 0; t < S; ++t) {
-            if (mk && !mk[b * mstride + t]) {
-              p[t] = -std::numeric_limits<float>::infinity();
+          for (int64_t u = 0; u < St; ++u) {
+            if (mk && !mk[b * mstride + u]) {
+              p[u] = -std::numeric_limits<float>::infinity();
               continue;
             }
-            const float* kt = kb + t * hd;
+            const float* ku = kb + u * hd;
             float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-            for (int64_t i = 0; i < hd; ++i) acc += q[i] * kt[i];
-            p[t] = acc;
+            for (int64_t i = 0; i < hd; ++i) acc += q[i] * ku[i];
+            p[u] = acc;
             mx = std::max(mx, acc);
           }
           float denom = 0.0f;
-          for (int64_t t = 0; t < S; ++t) {
-            p[t] = std::exp(p[t] - mx);
-            denom += p[t];
+          for (int64_t u = 0; u < St; ++u) {
+            p[u] = std::exp(p[u] - mx);
+            denom += p[u];
           }
-          float* out = yp + b * H * hd + h * hd;
+          float* out = yp + m * H * hd + h * hd;
           std::fill(out, out + hd, 0.0f);
-          for (int64_t t = 0; t < S; ++t) {
-            if (p[t] == 0.0f) continue;
-            const float pt = p[t] / denom;
-            const float* vt = vb + t * hd;
+          for (int64_t u = 0; u < St; ++u) {
+            if (p[u] == 0.0f) continue;
+            const float pu = p[u] / denom;
+            const float* vu = vb + u * hd;
 #pragma omp simd
-            for (int64_t i = 0; i < hd; ++i) out[i] += pt * vt[i];
+            for (int64_t i = 0; i < hd; ++i) out[i] += pu * vu[i];
           }
         }
       });
-      at::addmm_out(x, x, y, w[2]);                      // residual add rides on the output projection
-      rms_norm(xp, w[3].data_ptr<float>(), xn.data_ptr<float>(), B, D, eps_);
-      at::mm_out(gu, xn, w[4]);
+      matmul(x, y, l, 2, true);                          // residual add rides on the output projection
+      rms_norm(xp, w[3].data_ptr<float>(), xn.data_ptr<float>(), M, D, eps_);
+      matmul(gu, xn, l, 4, false);
       const float* gp = gu.data_ptr<float>();
       float* hp = hbuf.data_ptr<float>();
-      at::parallel_for(0, B, std::max<int64_t>(1, 65536 / F), [&](int64_t lo, int64_t hi) {
-        for (int64_t b = lo; b < hi; ++b) {
-          const float* gate = gp + b * 2 * F;
+      at::parallel_for(0, M, std::max<int64_t>(1, 65536 / F), [&](int64_t lo, int64_t hi) {
+        for (int64_t m = lo; m < hi; ++m) {
+          const float* gate = gp + m * 2 * F;
           const float* up = gate + F;
-          float* o = hp + b * F;
+          float* o = hp + m * F;
           for (int64_t i = 0; i < F; ++i) o[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
         }
       });
-      at::addmm_out(x, x, hbuf, w[5]);
+      matmul(x, hbuf, l, 5, true);
     }
-    rms_norm(xp, norm_w_.data_ptr<float>(), xn.data_ptr<float>(), B, D, eps_);
-    return at::mm(xn, head_);
+    rms_norm(xp, norm_w_.data_ptr<float>(), xn.data_ptr<float>(), M, D, eps_);
+    if (!multi) return at::mm(xn, head_);
+    at::Tensor logits = at::empty({M, head_.size(1)}, opts);
+    packed_mm(xn, packed_head_, head_.size(1), logits, false);
+    return logits;
   }
 
  private:
   at::Tensor emb_;
   std::vector<at::Tensor> layers_;
   at::Tensor norm_w_, head_;
+  std::vector<at::Tensor> packed_;                     // per layer: W_qkv, W_o, W_gate_up, W_down, packed
+  at::Tensor packed_head_;
   int64_t H_, Hkv_, hd_, L_, D_, F_;
   float eps_;
 };
@@ -220,6 +370,9 @@ at::Tensor argmax_rows(at::Tensor logits, int64_t n) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &argmax_rows);
+  m.def("pack_panels", &pack_panels);
+  m.def("packed_mm", &packed_mm_py, pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("n"),
+        pybind11::arg("out") = pybind11::none());
   pybind11::class_<NativeDecoder>(m, "NativeDecoder")
       .def(pybind11::init<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, int64_t, int64_t, int64_t,
                           double>())

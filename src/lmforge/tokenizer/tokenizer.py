@@ -23,7 +23,8 @@ On disk (`save` / `load`), a tokenizer is a directory:
     tokenizer_meta.json    pattern, special tokens, sizes, format version and the hash of all of it
                            (plus the chat template, if any: it does not change encodings, so not in the hash)
     tokenizer.json         the same tokenizer for Hugging Face `tokenizers` / `transformers` (see export_hf)
-    tokenizer_config.json  transformers' side file (tokenizer class, bos/eos/pad names)
+    tokenizer_config.json  transformers' side file (tokenizer class, bos/eos/pad names, chat template: the
+                           tokenizer's own, or lmforge's as Jinja when it has our chat tokens)
 """
 from __future__ import annotations
 
@@ -40,15 +41,15 @@ import tiktoken
 from lmforge.version import __version__
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError, read_json_object
 from lmforge.io import atomic_dir, atomic_write_text, check_replaceable_dir
+from lmforge.tokenizer.chat import (ASSISTANT, END, LMFORGE_CHAT_TEMPLATE, SYSTEM, TOOL, TOOL_CALL,  # noqa: F401
+                                    TOOL_RESULT, USER, render_chat, uses_lmforge_template)
 
 # ---------------------------------------------------------------------------------------------------------
 # Special tokens. ONE list, in id order (first special id = 256 + n_merges). Later stages import these names
 # (the chat template uses the role markers). The list is padded with reserved slots to a round 16 so that
 # new specials can be given meaning later without changing the vocabulary size of trained models.
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
-SYSTEM, USER, ASSISTANT, TOOL = "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"
-END = "<|end|>"                       # ends one chat message
-TOOL_CALL, TOOL_RESULT = "<|tool_call|>", "<|tool_result|>"
+# the chat markers (SYSTEM, USER, ASSISTANT, TOOL, END, TOOL_CALL, TOOL_RESULT) are defined with the chat template
 N_SPECIAL_SLOTS = 16
 SPECIAL_TOKENS: list[str] = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, TOOL, END, TOOL_CALL, TOOL_RESULT]
 SPECIAL_TOKENS += [f"<|reserved_{i}|>" for i in range(N_SPECIAL_SLOTS - len(SPECIAL_TOKENS))]
@@ -316,6 +317,10 @@ class Tokenizer:
             raise LmforgeError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
         return ids
 
+    def render_chat(self, messages, tools=None, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """(ids, loss_mask) of a conversation in this tokenizer's chat template (lmforge.tokenizer.chat)."""
+        return render_chat(self, messages, tools, add_generation_prompt)
+
     # ---- identity ---------------------------------------------------------------------------------------
     def hash(self) -> str:
         """sha256 of merges + pattern + specials: equal hashes mean identical encodings (token shards record it)."""
@@ -473,6 +478,8 @@ class Tokenizer:
         config["additional_special_tokens"] = [s for s in self.special_tokens if s not in roles.values()]
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
+        elif uses_lmforge_template(self):  # ours, as Jinja: apply_chat_template gives our render_chat ids
+            config["chat_template"] = LMFORGE_CHAT_TEMPLATE
         atomic_write_text(d / HF_CONFIG_FILE, json.dumps(config, indent=2) + "\n")
         return d / HF_FILE
 

@@ -161,3 +161,164 @@ def test_shapes_must_agree():
         distill_loss(torch.zeros(2, 5), torch.zeros(2, 6))
     with pytest.raises(ValueError, match="temperature"):
         distill_loss(torch.zeros(2, 5), torch.zeros(2, 5), temperature=0.0)
+
+
+# ---- the stage: `lmforge distill` ------------------------------------------------------------------------------
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import lmforge  # noqa: E402
+from lmforge import checkpoint  # noqa: E402
+from lmforge.cli import main  # noqa: E402
+from lmforge.model import ModelConfig, Transformer  # noqa: E402
+from lmforge.tokenizer.tokenizer import Tokenizer  # noqa: E402
+
+TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; and "
+        "darkness was upon the face of the deep. def main(argv): return parse(argv) or 0\n")
+STUDENT = ["model.preset=tiny", "model.overrides={d_model: 32, n_head: 2, n_kv_heads: 1}", "seq_len=32",
+           "train.batch_size=4", "train.progress=false", "train.threads=1", "train.log_every=1", "eval_tokens=256",
+           "train.warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    """tok/, data/ (shards of tok), teacher/ (a checkpoint of a small model over tok), other_data/ (shards of
+    another tokenizer with the same vocabulary size)."""
+    d = tmp_path_factory.mktemp("distill")
+    (d / "corpus.txt").write_text(TEXT * 30, encoding="utf-8")
+    tok = Tokenizer.train([TEXT * 30], vocab_size=272 + 48, progress=False)
+    tok.save(d / "tok")
+    torch.manual_seed(0)
+    teacher = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_heads=2, d_model=48,
+                                      max_seq_len=64, init_std=0.3))
+    checkpoint.save(d / "teacher", model=teacher, model_config=teacher.config.to_dict(), tokenizer=tok)
+    assert main(["data", "prepare", "--input", str(d / "corpus.txt"), "--tokenizer", str(d / "tok"),
+                 "--out", str(d / "data")]) == 0
+    other = Tokenizer.train([TEXT.upper() * 30], vocab_size=272 + 48, progress=False)
+    other.save(d / "other_tok")
+    assert main(["data", "prepare", "--input", str(d / "corpus.txt"), "--tokenizer", str(d / "other_tok"),
+                 "--out", str(d / "other_data")]) == 0
+    return d
+
+
+def _files(d):
+    return {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def no_peak_measurement(monkeypatch):
+    """The MFU metric measures this machine's matmul peak once per process (seconds of large matmuls): not
+    what these tests are about."""
+    monkeypatch.setattr("lmforge.train.trainer.measured_peak_flops", lambda device, precision: 1e12)
+
+
+@pytest.mark.parametrize("loss", ["fkl", "jsd"])
+def test_distill_cli_writes_a_student_checkpoint_without_the_teacher(loss, fx, tmp_path, capsys,
+                                                                     no_peak_measurement):
+    teacher_before = _files(fx / "teacher")
+    rc = main(["distill", "--teacher", str(fx / "teacher"), "--data", str(fx / "data"), "--out", str(tmp_path / "s"),
+               *STUDENT, "train.max_steps=3", f"distill.loss={loss}", "distill.temperature=2", "distill.alpha=0.7"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "distill: 3 steps" in out and "teacher" in out
+    student, tok = lmforge.load(tmp_path / "s", device="cpu")
+    assert student.config.d_model == 32 and student.config.vocab_size == tok.vocab_size
+    assert tok.hash() == Tokenizer.load(fx / "tok").hash()
+    # the checkpoint holds the student's tensors and nothing else
+    from safetensors.torch import load_file
+    saved = load_file(tmp_path / "s" / "checkpoint" / "model.safetensors")
+    assert set(saved) == set(student.state_dict()) - {"lm_head.weight"}      # tied head stored once
+    assert all(v.shape[-1] != 48 for v in saved.values())                    # no tensor of the d_model-48 teacher
+    config = json.loads((tmp_path / "s" / "checkpoint" / "config.json").read_text())
+    assert config["stage"] == "distill" and config["distill"]["loss"] == loss
+    assert config["distill"]["temperature"] == 2.0 and config["distill"]["alpha"] == 0.7
+    rows = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "kd" in r] == [1, 2, 3] and all(r["kd"] > 0 for r in rows if "kd" in r)
+    final = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert final["teacher_val_bpb"] > 0 and final["val_bpb"] > 0
+    assert _files(fx / "teacher") == teacher_before
+    # resume continues the same run; another loss would not
+    assert main(["distill", "--teacher", str(fx / "teacher"), "--data", str(fx / "data"), "--out",
+                 str(tmp_path / "s"), *STUDENT, "train.max_steps=4", f"distill.loss={loss}", "distill.temperature=2",
+                 "distill.alpha=0.7", "--resume"]) == 0
+    assert json.loads((tmp_path / "s" / "checkpoint" / "trainer_state.json").read_text())["step"] == 4
+    capsys.readouterr()
+    assert main(["distill", "--teacher", str(fx / "teacher"), "--data", str(fx / "data"), "--out",
+                 str(tmp_path / "s"), *STUDENT, "train.max_steps=5", "distill.loss=rkl", "distill.temperature=2",
+                 "distill.alpha=0.7", "--resume"]) == 2
+    assert "distill" in capsys.readouterr().err
+
+
+def test_the_teacher_gets_no_gradient_and_the_loss_is_the_stated_mix(fx, tmp_path):
+    from lmforge.data.shards import load_shards
+    from lmforge.eval.bpb import token_byte_lengths
+    from lmforge.stages.distill import DistillTask
+    from lmforge.train.trainer import CheckpointSpec, TrainConfig, train
+
+    teacher, tok = lmforge.load(fx / "teacher", device="cpu")
+    teacher.train().requires_grad_(True)                       # the trainer must freeze it, not the caller
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    train_tokens, val_tokens, _ = load_shards(fx / "data")
+    torch.manual_seed(0)
+    student = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, max_seq_len=32))
+    task = DistillTask(teacher, train_tokens, val_tokens, kind="rkl", temperature=1.5, alpha=0.25, seq_len=32,
+                       batch_size=4, bos_id=tok.bos_id, token_bytes=token_byte_lengths(tok), eval_tokens=256,
+                       progress=False)
+    # the loss is alpha * KD + (1 - alpha) * CE, KD against the teacher's logits on the same inputs
+    x, y, _ = task.batch(0, 0)
+    loss, info = task.loss(student, (x, y, None))
+    s_logits, ce = student(x, targets=y)
+    t_logits, _ = teacher(x)
+    kd = distill_loss(s_logits, t_logits, kind="rkl", temperature=1.5)
+    torch.testing.assert_close(loss, 0.25 * kd + 0.75 * ce)
+    torch.testing.assert_close(info["kd"], kd.detach())
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), max_steps=2, batch_size=4, progress=False, warmup_steps=1,
+                      device="cpu", precision="fp32")
+    train(student, task, cfg, checkpoint=CheckpointSpec(model_config=student.config.to_dict()))
+    assert not teacher.training
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert all(p.requires_grad for p in student.parameters())
+    assert set(load_file_keys(tmp_path / "run" / "checkpoint")) == set(student.state_dict()) - {"lm_head.weight"}
+
+
+def load_file_keys(ck):
+    from safetensors import safe_open
+    with safe_open(str(ck / "model.safetensors"), "pt") as f:
+        return list(f.keys())
+
+
+def test_hard_labels_only_is_pretraining_and_never_asks_the_teacher(fx):
+    from lmforge.data.shards import load_shards
+    from lmforge.eval.bpb import token_byte_lengths
+    from lmforge.stages.distill import DistillTask
+
+    class NoTeacher(torch.nn.Module):
+        def forward(self, *a, **k):
+            raise AssertionError("the teacher was consulted with alpha=0")
+
+    tok = Tokenizer.load(fx / "tok")
+    train_tokens, val_tokens, _ = load_shards(fx / "data")
+    student = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, max_seq_len=32))
+    task = DistillTask(NoTeacher(), train_tokens, val_tokens, alpha=0.0, seq_len=32, batch_size=4,
+                       bos_id=tok.bos_id, token_bytes=token_byte_lengths(tok))
+    x, y, _ = task.batch(3, 0)
+    loss, _ = task.loss(student, (x, y, None))
+    torch.testing.assert_close(loss, student(x, targets=y)[1])
+
+
+@pytest.mark.parametrize("case", ["student-vocab", "other-tokenizer", "seq-len"])
+def test_a_mismatched_teacher_is_one_line_and_writes_nothing(case, fx, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = fx / ("other_data" if case == "other-tokenizer" else "data")
+    extra = {"student-vocab": ["model.overrides={vocab_size: 400}"], "other-tokenizer": [],
+             "seq-len": ["seq_len=128"]}[case]
+    rc = main(["distill", "--teacher", str(fx / "teacher"), "--data", str(data), "--out", "run", *STUDENT,
+               "train.max_steps=2", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lmforge: error: ")
+    assert {"student-vocab": "vocab_size 400 differs from the teacher's", "other-tokenizer": "another tokenizer",
+            "seq-len": "teacher's context"}[case] in lines[0]
+    assert list(tmp_path.iterdir()) == []

@@ -2,6 +2,7 @@
 
     lmforge pretrain --data runs/data --out runs/pretrain model.preset=cpu-small train.max_steps=500
     torchrun --nproc_per_node=8 -m lmforge pretrain --data runs/data --out runs/pretrain   # DDP (or FSDP)
+    lmforge distill --teacher runs/pretrain --data runs/data --out runs/student model.preset=tiny distill.loss=fkl
 """
 from __future__ import annotations
 
@@ -37,7 +38,43 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def distill_arguments(p) -> None:
+    p.add_argument("--teacher", required=True, metavar="RUN", help="the teacher: a checkpoint or run directory "
+                   "(or a Hugging Face model directory)")
+    p.add_argument("--recipe", default=None, help="YAML recipe (keys of DistillConfig)")
+    p.add_argument("--data", default=None, metavar="DIR", help="token shards made with the teacher's tokenizer")
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory of the student (train.out_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same as train.resume=true)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="e.g. model.preset=tiny distill.loss=fkl|rkl|jsd distill.temperature=2 distill.alpha=0.5 "
+                        "distill.beta=0.5 train.max_steps=300")
+
+
+def cmd_distill(args) -> int:
+    import lmforge
+    from lmforge.config import load_config
+    from lmforge.stages.distill import DistillConfig, run_distill
+
+    over = list(args.overrides)
+    for flag, key in ((args.teacher, "teacher"), (args.data, "data"), (args.out, "train.out_dir")):
+        if flag:
+            over.insert(0, f"{key}={flag}")
+    if args.resume:
+        over.append("train.resume=true")
+    dcfg = load_config(DistillConfig, args.recipe, over)
+    teacher, tok = lmforge.load(dcfg.teacher, device="cpu")   # the trainer moves it with the student
+    s = run_distill(dcfg, teacher, tok)
+    print(f"distill: {s['step']} steps, {s['tokens']:,} tokens in {s['train_time']:.1f}s "
+          f"({s['tokens'] / max(s['train_time'], 1e-9):,.0f} tok/s, {s['precision']}); student "
+          f"{s['params']['total']:,} parameters, val bpb {s.get('val_bpb', float('nan')):.4f}; teacher "
+          f"{s['teacher_params']['total']:,} parameters, val bpb {s.get('teacher_val_bpb', float('nan')):.4f}; "
+          f"checkpoint {s['checkpoint']}")
+    return 0
+
+
 VERBS = [
     Verb(("pretrain",), "pretrain a Transformer on token shards (torchrun-aware: DDP/FSDP)", pretrain_arguments,
          cmd_pretrain),
+    Verb(("distill",), "train a small student on a teacher's next-token distributions (logit distillation)",
+         distill_arguments, cmd_distill),
 ]

@@ -92,6 +92,12 @@ CASES = {
         ("vocab-override-below-the-tokenizer", lambda f: ["--data", f / "data", "--out", "run", "train.max_steps=1",
                                                           "model.overrides={vocab_size: 100}"]),
     ],
+    ("distill",): [
+        ("teacher-of-another-vocabulary", lambda f: ["--teacher", f / "ck", "--data", f / "data", "--out", "run",
+                                                     "train.max_steps=1", "model.overrides={vocab_size: 400}"]),
+        ("missing-teacher", lambda f: ["--teacher", f / "nope", "--data", f / "data", "--out", "run"]),
+        ("teacher-weights-of-another-model", lambda f: ["--teacher", f / "other", "--data", f / "data", "--out", "run"]),
+    ],
     ("eval", "bpb"): [
         ("batch-size-0", lambda f: ["--checkpoint", f / "ck", "--data", f / "data", "--batch-size", "0"]),
         ("batch-size-negative", lambda f: ["--checkpoint", f / "ck", "--data", f / "data", "--batch-size", "-2"]),

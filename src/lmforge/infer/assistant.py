@@ -1,0 +1,256 @@
+"""Assistant turns with tool use: generate a reply, decode its tool calls under a grammar, run them, go on.
+
+    from lmforge.infer.assistant import run_chat_turn
+    from lmforge.infer.tools import get_tools
+
+    new = run_chat_turn(model, tok, [{"role": "user", "content": "What is 123456 * 789?"}],
+                        tools=get_tools("calculator"), params=SamplingParams(temperature=0, max_tokens=64))
+    # -> [assistant message with tool_calls, tool message with the result, final assistant message]
+
+A model's reply after the generation prompt is (lmforge's chat format): free text, then optionally one or more
+`<|tool_call|>{"name": ..., "arguments": {...}}` blocks, then `<|end|>`. A reply is generated in two phases,
+both through the engine and sharing the reply's budget (params.max_tokens):
+
+  1. text    sampled with the caller's params; ends at <|tool_call|>, at <|end|> (or another chat marker, EOS,
+             a stop string) or at the budget;
+  2. calls   only when phase 1 ended at <|tool_call|> and tools are offered: generation goes on from there under
+             the grammar   call (<|tool_call|> call)* <|end|>   where each call is one JSON alternative per tool,
+             {"name": <its name>, "arguments": <its parameters schema>} (compact, json.dumps' separators). Every
+             call therefore parses and validates against its tool's schema, whatever the weights, and the reply
+             always closes with <|end|>.
+
+A reply cut inside its calls (budget, context or abort) keeps its text and loses its calls: only complete replies
+run tools. The loop (`run_chat_turn`) executes each call (a tool that refuses or fails answers "error: ...", the
+turn goes on) and appends a `tool` message per call, then lets the model continue, for at most max_tool_rounds
+rounds of calls; the reply after the last round may not call tools.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from lmforge.errors import ConfigError
+from lmforge.infer.constrained import JSON_OPTIONS, Grammar
+from lmforge.infer.engine import Engine
+from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.tools import Tool, ToolError, get_tools, to_openai
+from lmforge.tokenizer.chat import CHAT_MARKERS, END, TOOL_CALL, end_of_turn_id, render_chat, uses_lmforge_template
+
+MAX_TOOL_RESULT_CHARS = 2000      # a longer tool result is cut (it goes back into the context)
+TOOL_CHOICES = ("auto", "required", "none")
+_request_ids = itertools.count()
+
+# on_event(kind, value): "text" (a str delta of the reply), "tool_call" (the call dict of an assistant message),
+# "tool_result" (the tool message), "finish" (the turn's finish reason: "stop", "length" or "abort")
+OnEvent = Callable[[str, object], None]
+
+
+@dataclass
+class Reply:
+    """One assistant reply: its text, its complete tool calls ({"name", "arguments"}) and how it ended."""
+    content: str
+    tool_calls: list[dict] = field(default_factory=list)
+    finish_reason: str = "stop"          # "stop" | "length" | "abort"
+    token_ids: list[int] = field(default_factory=list)
+
+
+def as_tools(tools) -> list[Tool]:
+    """Tools given as Tool records or built-in names (a list, or "calculator,lookup")."""
+    if not tools:
+        return []
+    if isinstance(tools, str):
+        return get_tools(tools)
+    out = [t if isinstance(t, Tool) else get_tools([t])[0] for t in tools]
+    names = [t.name for t in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two tools share a name: {names}", field="tools")
+    return out
+
+
+def check_tool_use(tok, tools: Sequence[Tool]) -> None:
+    """Tool calls are read in lmforge's chat format: the tokenizer must have its chat tokens."""
+    if tools and not uses_lmforge_template(tok):
+        raise ConfigError("tool use needs a tokenizer with lmforge's chat tokens and template (<|tool_call|>, "
+                          "<|end|>); this one has its own chat template", field="tools")
+
+
+def tool_call_grammar(tok, tools: Sequence[Tool]) -> Grammar:
+    """The grammar of what follows a reply's first <|tool_call|>:  call (<|tool_call|> call)* <|end|>."""
+    import llguidance
+
+    check_tool_use(tok, tools)
+    sp = tok.special_tokens
+    rules = []
+    for i, t in enumerate(tools):
+        try:  # compiled alone first, so a schema the grammar engine cannot take is named by its tool
+            Grammar.json_schema(tok, t.parameters)
+        except ConfigError as e:
+            raise ConfigError(f"tool {t.name!r}: {e.message}", field="parameters") from None
+        schema = {"x-guidance": JSON_OPTIONS, "type": "object",
+                  "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                  "required": ["name", "arguments"], "additionalProperties": False}
+        rules.append(f"call_{i}: %json {json.dumps(schema, ensure_ascii=False)}")
+    lark = "\n".join([f"start: call (<[{sp[TOOL_CALL]}]> call)* <[{sp[END]}]>",
+                      "call: " + " | ".join(f"call_{i}" for i in range(len(tools))), *rules])
+    # a JSON-schema grammar, written in llguidance's Lark so that it can name the special tokens between calls
+    return Grammar(tok, "json_schema", lark, llguidance.LLMatcher.grammar_from_lark(lark), "tools")
+
+
+def _drive(engine: Engine, prompt_ids: list[int], params: SamplingParams, constraint, on_text, should_stop):
+    """Run one request to its end: (text, token ids, finish_reason, stop_reason)."""
+    rid = ("chat", next(_request_ids))
+    engine.add_request(rid, prompt_ids, params, constraint=constraint, add_bos=False)
+    text, ids, finish, reason, aborted = [], [], "abort", None, False
+    while engine.has_unfinished():
+        if should_stop is not None and not aborted and should_stop():
+            engine.abort(rid)
+            aborted = True
+        for o in engine.step():
+            ids += o.token_ids
+            if o.text:
+                text.append(o.text)
+                if on_text is not None:
+                    on_text(o.text)
+            if o.finished:
+                finish, reason = o.finish_reason, o.stop_reason
+    return "".join(text), ids, finish, reason
+
+
+def generate_reply(engine: Engine, tok, prompt_ids: list[int], params: SamplingParams | None = None,
+                   tools: Sequence[Tool] = (), *, tool_choice: str = "auto",
+                   on_text: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
+                   grammar: Grammar | None = None) -> Reply:
+    """One assistant reply to `prompt_ids` (a conversation rendered with the generation prompt), in the two
+    phases of the module docstring. tool_choice (as in OpenAI's API): "auto" the model decides; "required" the
+    reply is tool calls only (it starts with <|tool_call|>: phase 1 is skipped); "none" (or no tools) a
+    <|tool_call|> just ends the reply. `should_stop` is polled before every engine step; when it says True the
+    request is aborted (finish_reason "abort")."""
+    params = params or SamplingParams()
+    if tool_choice not in TOOL_CHOICES:
+        raise ConfigError(f"{tool_choice!r} is not one of {', '.join(TOOL_CHOICES)}", field="tool_choice")
+    tools = [] if tool_choice == "none" else list(tools)
+    if tool_choice == "required" and not tools:
+        raise ConfigError("tool_choice 'required' needs tools", field="tool_choice")
+    check_tool_use(tok, tools)
+    if params.n != 1:
+        raise ConfigError("a chat reply is one completion", field="n")
+    sp = tok.special_tokens
+    if tool_choice == "required":
+        text, ids, finish, reason = "", [sp[TOOL_CALL]], "stop", sp[TOOL_CALL]
+    else:
+        markers = [sp[m] for m in CHAT_MARKERS if m in sp]
+        ends = sorted(set(markers) | ({end_of_turn_id(tok)} if not uses_lmforge_template(tok) else set()))
+        free = params.replace(stop_token_ids=sorted(set(params.stop_token_ids) | set(ends)))
+        text, ids, finish, reason = _drive(engine, prompt_ids, free, None, on_text, should_stop)
+        if not (tools and finish == "stop" and reason == sp[TOOL_CALL]):
+            return Reply(text, [], finish, ids)
+
+    # phase 2: the calls, under the grammar, from right after <|tool_call|>
+    left = None if params.max_tokens is None else params.max_tokens - len(ids)
+    prompt = list(prompt_ids) + ids
+    if (left is not None and left < 1) or len(prompt) >= engine.model.config.max_seq_len:
+        return Reply(text, [], "length", ids)
+    grammar = grammar or tool_call_grammar(tok, tools)
+    # the grammar decides what may come: stop strings, stop ids and logit biases are for the text
+    calls_params = params.replace(stop=[], stop_token_ids=[], logit_bias=None, max_tokens=left, logprobs=None,
+                                  min_tokens=0)
+    _, call_ids, finish, _ = _drive(engine, prompt, calls_params, grammar, None, should_stop)
+    ids = ids + call_ids
+    if finish != "stop" or not call_ids or call_ids[-1] != sp[END]:
+        return Reply(text, [], finish if finish != "stop" else "length", ids)
+    calls, cur = [], []
+    for t in call_ids:
+        if t in (sp[TOOL_CALL], sp[END]):
+            call = json.loads(tok.decode(cur))    # the grammar made it valid JSON of the call schema
+            calls.append({"name": call["name"], "arguments": _no_lone_surrogates(call["arguments"])})
+            cur = []
+        else:
+            cur.append(t)
+    return Reply(text, calls, "stop", ids)
+
+
+def _no_lone_surrogates(x):
+    """JSON may spell a lone UTF-16 surrogate ("\\ud800"), which no UTF-8 text can hold: U+FFFD instead (the
+    length, and so the schema's string limits, stay as they were)."""
+    if isinstance(x, str):
+        return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in x)
+    if isinstance(x, list):
+        return [_no_lone_surrogates(v) for v in x]
+    if isinstance(x, dict):
+        return {_no_lone_surrogates(k): _no_lone_surrogates(v) for k, v in x.items()}
+    return x
+
+
+def run_tool(tools_by_name: dict[str, Tool], name: str, arguments: dict) -> str:
+    """A tool's result as the content of its tool message; a refusal or failure becomes "error: ..."."""
+    t = tools_by_name.get(name)
+    if t is None:
+        return f"error: no tool named {name!r}"
+    try:
+        out = t.run(arguments)
+    except ToolError as e:
+        out = f"error: {e.message}"
+    except Exception as e:  # a user's tool that fails must not end the conversation
+        out = f"error: {type(e).__name__}: {e}"
+    if len(out) > MAX_TOOL_RESULT_CHARS:
+        out = out[:MAX_TOOL_RESULT_CHARS - 1] + "…"
+    return out
+
+
+def run_chat_turn(engine_or_model, tok, messages: list[dict], tools=None, params: SamplingParams | None = None,
+                  *, max_tool_rounds: int = 4, tool_choice: str = "auto", on_event: OnEvent | None = None,
+                  should_stop: Callable[[], bool] | None = None, precision: str = "fp32") -> list[dict]:
+    """The model's turn after `messages`: the new messages, in order — for each round of tool calls an assistant
+    message with `tool_calls` and one `tool` message per call, then the final assistant message. `messages` is
+    not changed. engine_or_model: an idle Engine (reused: its settings apply) or a model (an Engine is made).
+    tools: Tool records or built-in names. tool_choice applies to the first reply (generate_reply); the replies
+    after tool results are "auto", and the one after the last round "none"."""
+    tools = as_tools(tools)
+    check_tool_use(tok, tools)
+    if isinstance(max_tool_rounds, bool) or not isinstance(max_tool_rounds, int) or max_tool_rounds < 0:
+        raise ConfigError(f"must be an integer >= 0, got {max_tool_rounds!r}", field="max_tool_rounds")
+    if isinstance(engine_or_model, Engine):
+        engine = engine_or_model
+        if engine.has_unfinished():
+            raise ConfigError("the engine is running other requests: give run_chat_turn an idle engine")
+    else:
+        engine = Engine(engine_or_model, tok, precision=precision)
+    emit = on_event or (lambda kind, value: None)
+    by_name = {t.name: t for t in tools}
+    declared = [to_openai(t) for t in tools] or None
+    grammar = tool_call_grammar(tok, tools) if tools else None
+    n_calls = sum(len(m.get("tool_calls") or []) for m in messages if isinstance(m, dict))
+    new: list[dict] = []
+    for rnd in range(max_tool_rounds + 1):
+        prompt, _ = render_chat(tok, list(messages) + new, declared, add_generation_prompt=True)
+        if rnd and len(prompt) >= engine.model.config.max_seq_len:  # tool results filled the context
+            new.append({"role": "assistant", "content": ""})
+            emit("finish", "length")
+            return new
+        choice = "none" if rnd == max_tool_rounds or not tools else tool_choice if rnd == 0 else "auto"
+        reply = generate_reply(engine, tok, prompt, params, tools, tool_choice=choice,
+                               on_text=lambda s: emit("text", s), should_stop=should_stop, grammar=grammar)
+        msg = {"role": "assistant", "content": reply.content}
+        new.append(msg)
+        if not reply.tool_calls:
+            emit("finish", reply.finish_reason)
+            return new
+        msg["tool_calls"] = []
+        for c in reply.tool_calls:
+            call = {"id": f"call_{n_calls}", "type": "function",
+                    "function": {"name": c["name"], "arguments": c["arguments"]}}
+            n_calls += 1
+            msg["tool_calls"].append(call)
+            emit("tool_call", call)
+        for call in msg["tool_calls"]:
+            result = {"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"],
+                      "content": run_tool(by_name, call["function"]["name"], call["function"]["arguments"])}
+            new.append(result)
+            emit("tool_result", result)
+    raise AssertionError("unreachable: the last round offers no tools")
+
+
+__all__ = ["Reply", "as_tools", "check_tool_use", "tool_call_grammar", "generate_reply", "run_tool",
+           "run_chat_turn"]

@@ -1,4 +1,4 @@
-"""`lmforge generate | attention | inspect`: their arguments and what they run.
+"""`lmforge generate | attention | inspect | chat | tool`: their arguments and what they run.
 
 generate: one prompt, every sampling parameter, and the ways to spend more compute on it.
 Plain: stream one completion (or --n of them, batched after one prefill). Structured: --json-schema / --regex /
@@ -8,6 +8,9 @@ lookup when no draft is given). The modes are exclusive; bad combinations are on
 
 attention / inspect: seeing inside a model (lmforge.infer.inspect): attention heat maps, the next-token
 distribution, per-token logprobs of a continuation.
+
+chat: a terminal conversation (lmforge.infer.chat_session) with the model's tool calls run in between
+(lmforge.infer.assistant); tool list / run: the built-in tools (lmforge.infer.tools), one call at a time.
 """
 from __future__ import annotations
 
@@ -18,18 +21,17 @@ import time
 from pathlib import Path
 
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.verbs import Verb, add_device_option, clean_text, nonneg_int, positive_int
+from lmforge.verbs import Verb, add_device_option, clean_text, no_arguments, nonneg_int, positive_int
 
 
 def _checkpoint_option(p) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint (or run) directory")
 
 
-# ---- generate -------------------------------------------------------------------------------------------
-def generate_arguments(p) -> None:
-    _checkpoint_option(p)
-    p.add_argument("--prompt", required=True, help="text to continue")
-    # sampling: unset options come from the checkpoint's generation_config.json, else SamplingParams defaults
+# ---- sampling options: generate and chat -----------------------------------------------------------------
+def add_sampling_options(p) -> None:
+    """The sampling flags; unset ones come from the checkpoint's generation_config.json, else SamplingParams
+    defaults (sampling_params)."""
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1.0)")
     p.add_argument("--top-k", type=nonneg_int, default=None, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (1 = off)")
@@ -42,6 +44,24 @@ def generate_arguments(p) -> None:
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop before this text (repeatable); it is never printed")
     p.add_argument("--seed", type=int, default=None, help="seed: same seed, same output")
+
+
+def sampling_params(args, path, **more):
+    """SamplingParams from the add_sampling_options flags over the checkpoint's generation_config.json (`more`:
+    further fields given by the verb)."""
+    from lmforge.infer.sampling import params_from_generation_config
+    return params_from_generation_config(
+        path, defaults={"max_tokens": 256}, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, max_tokens=args.max_new_tokens, stop=args.stop or None,
+        seed=args.seed, **more)
+
+
+# ---- generate -------------------------------------------------------------------------------------------
+def generate_arguments(p) -> None:
+    _checkpoint_option(p)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    add_sampling_options(p)
     p.add_argument("--stop-token-id", type=nonneg_int, action="append", default=None, metavar="ID",
                    help="also stop at this token id (repeatable)")
     p.add_argument("--min-tokens", type=nonneg_int, default=None, help="no EOS/stop token before this many tokens")
@@ -139,7 +159,6 @@ def cmd_generate(args) -> int:
     import lmforge
     from lmforge import checkpoint
     from lmforge.infer.engine import generate
-    from lmforge.infer.sampling import params_from_generation_config
     from lmforge.interop.hf import is_hf_dir
 
     _clean_text_args(args, "prompt", "stop", "choices", "regex")
@@ -154,12 +173,9 @@ def cmd_generate(args) -> int:
 
     # default sampling settings come from the model directory's generation_config.json
     path = args.checkpoint if is_hf_dir(args.checkpoint) else checkpoint.resolve(args.checkpoint)
-    params = params_from_generation_config(
-        path, defaults={"max_tokens": 256}, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, max_tokens=args.max_new_tokens, stop=args.stop or None,
-        stop_token_ids=args.stop_token_id or None, min_tokens=args.min_tokens, ignore_eos=args.ignore_eos or None,
-        logit_bias=_logit_bias(args.logit_bias), seed=args.seed, logprobs=args.logprobs,
+    params = sampling_params(
+        args, path, stop_token_ids=args.stop_token_id or None, min_tokens=args.min_tokens,
+        ignore_eos=args.ignore_eos or None, logit_bias=_logit_bias(args.logit_bias), logprobs=args.logprobs,
         logprobs_mode=args.logprobs_mode, n=args.n)
     model, tokenizer = lmforge.load(path, device=args.device)
     constraint = _constraint(args, tokenizer)
@@ -296,6 +312,69 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+# ---- chat, tool ----------------------------------------------------------------------------------------
+def chat_arguments(p) -> None:
+    _checkpoint_option(p)
+    p.add_argument("--tools", default=None, metavar="NAMES",
+                   help="comma-separated built-in tools the model may call (see: lmforge tool list)")
+    p.add_argument("--system", default=None, metavar="TEXT", help="system message")
+    p.add_argument("--message", default=None, metavar="TEXT",
+                   help="send this one message, print the answer and exit (no interactive session)")
+    p.add_argument("--max-tool-rounds", type=nonneg_int, default=4, metavar="N",
+                   help="most rounds of tool calls in one answer (default 4)")
+    add_sampling_options(p)
+    add_device_option(p)
+    p.add_argument("--precision", default="fp32", help="fp32 (default) | bf16 | fp16 | auto (autocast)")
+
+
+def cmd_chat(args) -> int:
+    import lmforge
+    from lmforge import checkpoint
+    from lmforge.infer.chat_session import COMMANDS, ChatSession, interactive, printer
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.tools import get_tools
+    from lmforge.interop.hf import is_hf_dir
+
+    _clean_text_args(args, "system", "message", "stop")
+    tools = get_tools(args.tools) if args.tools is not None else []   # before the model is loaded
+    path = args.checkpoint if is_hf_dir(args.checkpoint) else checkpoint.resolve(args.checkpoint)
+    params = sampling_params(args, path)
+    model, tokenizer = lmforge.load(path, device=args.device)
+    session = ChatSession(Engine(model, tokenizer, precision=args.precision), tokenizer, params, tools,
+                          system=args.system, max_tool_rounds=args.max_tool_rounds)
+    if args.message is not None:   # one turn: the answer on stdout, tool calls and notes on stderr
+        session.ask(args.message, printer(sys.stdout, sys.stderr))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        return 0
+    names = ", ".join(t.name for t in session.tools)
+    banner = (f"lmforge chat: {args.checkpoint} ({session.context} tokens of context"
+              f"{'; tools: ' + names if names else ''}). Commands: {COMMANDS}. Ctrl-C stops an answer.")
+    return interactive(session, banner)
+
+
+def tool_run_arguments(p) -> None:
+    p.add_argument("name", metavar="NAME", help="a built-in tool (see: lmforge tool list)")
+    p.add_argument("arguments", metavar="JSON_ARGS", help='its arguments as a JSON object, e.g. '
+                   '\'{"expression": "2**64 - 1"}\'')
+
+
+def cmd_tool_run(args) -> int:
+    from lmforge.infer.tools import get_tools
+
+    tool = get_tools([args.name])[0]
+    print(tool.run(clean_text(args.arguments, "JSON_ARGS")))   # bad JSON or a refused input: ToolError
+    return 0
+
+
+def cmd_tool_list(args) -> int:
+    from lmforge.infer.tools import builtin_tools
+
+    for t in builtin_tools().values():
+        print(f"{t.name}: {t.description}\n    arguments: {json.dumps(t.parameters, ensure_ascii=False)}")
+    return 0
+
+
 VERBS = [
     Verb(("generate",), "generate text from a checkpoint (streams to the terminal)", generate_arguments,
          cmd_generate),
@@ -304,4 +383,10 @@ VERBS = [
          "--head)", attention_arguments, cmd_attention),
     Verb(("inspect",), "top-k next tokens after a prompt, and per-token logprobs of a continuation",
          inspect_arguments, cmd_inspect),
+    # chat with tool use
+    Verb(("chat",), "chat with a model in the terminal (streaming, history, /reset, /system, tools), or send one "
+         "--message", chat_arguments, cmd_chat),
+    Verb(("tool", "list"), "list the built-in tools and their arguments", no_arguments, cmd_tool_list),
+    Verb(("tool", "run"), "run one built-in tool on JSON arguments and print its result", tool_run_arguments,
+         cmd_tool_run),
 ]

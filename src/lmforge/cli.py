@@ -20,11 +20,11 @@ from lmforge.verbs import Verb
 VERB_MODULES = [
     "lmforge.stages.cli",      # pretrain
     "lmforge.eval.cli",        # eval bpb
-    "lmforge.infer.cli",       # generate, attention, inspect
+    "lmforge.infer.cli",       # generate, attention, inspect, chat, tool list, tool run
     "lmforge.data.cli",        # data list, data prepare
     "lmforge.tokenizer.cli",   # tokenizer train, encode, stats
     "lmforge.baselines.cli",   # markov train, eval, sample
-    "lmforge.interop.cli",     # import hf, export hf, export gguf
+    "lmforge.interop.cli",     # import hf, export hf, export gguf, lora merge, lora export
 ]
 
 # verb groups: (help, what their sub-verb is called in usage lines)
@@ -35,6 +35,8 @@ GROUPS = {
     "markov": ("n-gram (Markov chain) baseline: train, evaluate, sample", "VERB"),
     "import": ("import a model from another format", "FORMAT"),
     "export": ("export a checkpoint to another format", "FORMAT"),
+    "lora": ("LoRA runs: merge the adapters into the base, export them for PEFT", "VERB"),
+    "tool": ("the built-in tools a chat model may call: list them, run one", "VERB"),
 }
 
 

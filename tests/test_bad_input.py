@@ -121,6 +121,21 @@ CASES = {
         ("top-k-0", lambda f: ["--checkpoint", f / "ck", "--prompt", "In", "--top-k", "0"]),
         ("weights-of-another-model", lambda f: ["--checkpoint", f / "other", "--prompt", "In"]),
     ],
+    ("chat",): [
+        ("unknown-tool", lambda f: ["--checkpoint", f / "ck", "--tools", "calculator,nope", "--message", "hi"]),
+        ("missing-checkpoint", lambda f: ["--checkpoint", f / "nope", "--message", "hi"]),
+        ("max-tool-rounds-negative", lambda f: ["--checkpoint", f / "ck", "--message", "hi",
+                                                "--max-tool-rounds", "-1"]),
+    ],
+    ("tool", "list"): [
+        ("unexpected-argument", lambda f: ["extra"]),
+    ],
+    ("tool", "run"): [
+        ("refused-import", lambda f: ["calculator", '{"expression": "__import__(\'os\')"}']),
+        ("refused-huge-exponent", lambda f: ["calculator", '{"expression": "9**9**9"}']),
+        ("arguments-not-json", lambda f: ["calculator", "{expression"]),
+        ("unknown-tool", lambda f: ["nope", "{}"]),
+    ],
     ("data", "list"): [
         ("unexpected-argument", lambda f: ["extra"]),
     ],
@@ -176,7 +191,8 @@ CASES = {
 }
 
 USAGE_ERRORS = {"batch-size-0", "batch-size-negative", "max-tokens-0", "max-new-tokens-negative", "layer-negative",
-                "top-k-0", "unexpected-argument", "vocab-size-0", "min-frequency-0", "order-0", "tokens-negative"}
+                "top-k-0", "unexpected-argument", "vocab-size-0", "min-frequency-0", "order-0", "tokens-negative",
+                "max-tool-rounds-negative"}
 
 
 def test_every_verb_has_a_case():

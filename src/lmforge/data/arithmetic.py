@@ -29,16 +29,18 @@ OPS = "+-*"
 MAX_DIGITS = 9
 ENUMERATE = 200_000            # problem spaces up to this size are listed whole
 
-# The calculator as the demonstrations declare it (OpenAI `tools` shape). The runtime tool of the same name takes
-# the same arguments; the result the demonstrations show is computed here, exactly.
+# The calculator as the demonstrations declare it (OpenAI `tools` shape): the same declaration as the runtime
+# tool lmforge.infer.tools.CALCULATOR (tests hold them equal), since the model sees it in every prompt. The results
+# the demonstrations show are computed here, exactly (data does not import infer).
 CALCULATOR_TOOL = {
     "type": "function",
     "function": {
         "name": "calculator",
-        "description": "Evaluate an arithmetic expression (integers and decimals, + - * / % **, parentheses) "
-                       "and return its value.",
-        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
-                       "required": ["expression"]},
+        "description": "Evaluate an arithmetic expression exactly: numbers, + - * / // % ** and parentheses.",
+        "parameters": {"type": "object",
+                       "properties": {"expression": {"type": "string", "maxLength": 256,
+                                                     "description": "e.g. 123456 * 789 or (2 + 3) ** 4 / 7"}},
+                       "required": ["expression"], "additionalProperties": False},
     },
 }
 

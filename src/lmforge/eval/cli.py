@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from lmforge.errors import ConfigError
-from lmforge.verbs import Verb, add_device_option, positive_int
+from lmforge.verbs import Verb, add_device_option, nonneg_int, positive_float, positive_int
 
 
 def bpb_arguments(p) -> None:
@@ -54,6 +54,54 @@ def _split_bytes(meta: dict, split: str):
         return None
 
 
+# ---- task ---------------------------------------------------------------------------------------------------
+def task_arguments(p) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR")
+    p.add_argument("--task", required=True, metavar="NAME",
+                   help="a task family: arithmetic[:digits=N,ops=+-*,tools=true] or rg:NAME (see lmforge data list)")
+    p.add_argument("--n", type=positive_int, default=200, help="held-out problems to score (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="which held-out problems (and the sampling seeds)")
+    p.add_argument("--k", type=nonneg_int, default=4, help="sampled pass@k (default 4; 0: greedy only)")
+    p.add_argument("--samples", type=positive_int, default=None,
+                   help="sampled answers per problem for the pass@k estimate (default 2k, at least k)")
+    p.add_argument("--temperature", type=positive_float, default=0.8, help="for sampled answers (default 0.8)")
+    p.add_argument("--max-tokens", type=positive_int, default=64, help="answer budget in tokens (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="answers decoded together (default 64)")
+    p.add_argument("--out", default=None, metavar="FILE.json", help="also write the results (per problem) as JSON")
+    add_device_option(p, help=None)
+
+
+def cmd_task(args) -> int:
+    from pathlib import Path
+
+    import lmforge
+    from lmforge.data.tasks import family
+    from lmforge.errors import WriteError
+    from lmforge.eval.task import evaluate_task, format_table
+    from lmforge.io import write_json
+    from lmforge.runtime import detect_device
+
+    fam = family(args.task)                         # a bad name or option fails before the model loads
+    if args.samples is not None and args.samples < args.k:
+        raise ConfigError(f"must be at least --k ({args.k}), got {args.samples}", field="--samples")
+    if args.out is not None and Path(args.out).is_dir():
+        raise WriteError("is a directory, expected a file name", file=args.out)
+    device = detect_device(args.device)
+    model, tok = lmforge.load(args.checkpoint, device)
+    res = evaluate_task(model, tok, fam, args.n, args.seed, k=args.k, samples=args.samples,
+                        temperature=args.temperature, max_tokens=args.max_tokens, batch_size=args.batch_size)
+    res["checkpoint"] = str(args.checkpoint)
+    print(format_table(res))
+    if res["n"] < args.n:
+        print(f"note: the eval split of {fam.name} holds only {res['n']} problems")
+    if args.out is not None:
+        write_json(args.out, res)
+        print(f"wrote {args.out}")
+    return 0
+
+
 VERBS = [
     Verb(("eval", "bpb"), "bits per byte over a whole validation split", bpb_arguments, cmd_bpb),
+    Verb(("eval", "task"), "accuracy on held-out problems of a task family (greedy, sampled pass@k)",
+         task_arguments, cmd_task),
 ]

@@ -105,6 +105,17 @@ CASES = {
         ("weights-of-another-model", lambda f: ["--checkpoint", f / "other", "--data", f / "data"]),
         ("data-is-not-shards", lambda f: ["--checkpoint", f / "ck", "--data", f / "tok"]),
     ],
+    ("eval", "task"): [
+        ("unknown-task", lambda f: ["--checkpoint", f / "ck", "--task", "nope"]),
+        ("task-without-a-scorer", lambda f: ["--checkpoint", f / "ck", "--task", "chatterbot"]),
+        ("bad-task-option", lambda f: ["--checkpoint", f / "ck", "--task", "arithmetic:digits=0"]),
+        ("n-0", lambda f: ["--checkpoint", f / "ck", "--task", "arithmetic", "--n", "0"]),
+        ("samples-below-k", lambda f: ["--checkpoint", f / "ck", "--task", "arithmetic", "--k", "4",
+                                       "--samples", "2"]),
+        ("out-is-a-directory", lambda f: ["--checkpoint", f / "ck", "--task", "arithmetic", "--n", "2",
+                                          "--out", f / "tok"]),
+        ("missing-checkpoint", lambda f: ["--checkpoint", f / "nope", "--task", "arithmetic"]),
+    ],
     ("generate",): [
         ("max-new-tokens-negative", lambda f: ["--checkpoint", f / "ck", "--prompt", "In", "--max-new-tokens", "-1"]),
         ("weights-of-another-model", lambda f: ["--checkpoint", f / "other", "--prompt", "In"]),
@@ -192,7 +203,7 @@ CASES = {
 
 USAGE_ERRORS = {"batch-size-0", "batch-size-negative", "max-tokens-0", "max-new-tokens-negative", "layer-negative",
                 "top-k-0", "unexpected-argument", "vocab-size-0", "min-frequency-0", "order-0", "tokens-negative",
-                "max-tool-rounds-negative"}
+                "max-tool-rounds-negative", "n-0"}
 
 
 def test_every_verb_has_a_case():

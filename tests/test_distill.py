@@ -322,3 +322,65 @@ def test_a_mismatched_teacher_is_one_line_and_writes_nothing(case, fx, tmp_path,
     assert {"student-vocab": "vocab_size 400 differs from the teacher's", "other-tokenizer": "another tokenizer",
             "seq-len": "teacher's context"}[case] in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- sequence-level distillation: the teacher's replies as chat data ----------------------------------------
+def bigram_teacher(tok, reply: str):
+    """A model that answers every prompt with `reply` and then ends its turn: its blocks write nothing into the
+    residual stream, so the next token depends on the current one alone (logits = lm_head(norm(embedding))),
+    and the head maps <|assistant|> -> reply tokens -> <|end|>."""
+    from lmforge.tokenizer.chat import end_of_turn_id
+    from lmforge.tokenizer.tokenizer import ASSISTANT
+
+    chain = [tok.special_tokens[ASSISTANT], *tok.encode(reply), end_of_turn_id(tok)]
+    assert len(set(chain)) == len(chain), "a bigram chain needs distinct tokens"
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=64, max_seq_len=128,
+                                    tie_embeddings=False))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.o_proj.weight.zero_()
+            block.ffn.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        emb = model.tok_emb.weight
+        for a, b in zip(chain, chain[1:]):
+            model.lm_head.weight[b] += 8 * emb[a] / emb[a].norm()
+    return model.eval()
+
+
+def test_teacher_conversations_append_the_teachers_finished_replies(fx):
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.stages.distill import teacher_conversations
+
+    tok = Tokenizer.load(fx / "tok")
+    teacher = bigram_teacher(tok, " the earth.")
+    prompts = [{"messages": [{"role": "user", "content": "In the beginning"}]},
+               {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "void"}]}]
+    rows, counts = teacher_conversations(teacher, tok, prompts, SamplingParams(temperature=0, max_tokens=8),
+                                         progress=False)
+    assert counts == {"prompts": 2, "kept": 2, "unfinished": 0, "stray_markers": 0}
+    assert rows[0]["messages"] == [*prompts[0]["messages"], {"role": "assistant", "content": " the earth."}]
+    assert rows[1]["messages"][:2] == prompts[1]["messages"] and rows[1]["messages"][2]["content"] == " the earth."
+    # a reply cut by the token budget never reached its end of turn: left out, counted
+    rows, counts = teacher_conversations(teacher, tok, prompts, SamplingParams(temperature=0, max_tokens=2),
+                                         progress=False)
+    assert rows == [] and counts["unfinished"] == 2
+
+
+def test_prompt_conversations_cut_before_the_first_assistant_turn(tmp_path):
+    from lmforge.errors import ConfigError
+    from lmforge.stages.distill import prompt_conversations
+
+    f = tmp_path / "chats.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u1"},
+                                          {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
+                                          {"role": "assistant", "content": "a2"}]}) + "\n"
+                 + json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    assert prompt_conversations([str(f)]) == [
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u1"}]},
+        {"messages": [{"role": "user", "content": "p"}]}]
+    assert len(prompt_conversations([str(f), str(f)], n=3)) == 3
+    rows = prompt_conversations(["arithmetic:digits=1"], n=4, seed=0)
+    assert len(rows) == 4 and all(r["messages"][-1]["role"] == "user" for r in rows)
+    with pytest.raises(ConfigError, match="how many prompts"):
+        prompt_conversations(["arithmetic"])

@@ -11,6 +11,13 @@ never optimises it and never saves it — the checkpoint holds the student alone
 student predicts over the teacher's vocabulary with the teacher's tokenizer (a distribution is compared token by
 token), so a student of another vocabulary size, or shards made by another tokenizer, is refused before anything
 is written.
+
+Sequence-level distillation (Kim & Rush 2016): the teacher answers the prompts of a conversation source (a JSONL
+file of chats or a built-in source such as `chatterbot` or `arithmetic`) and the student is fine-tuned on those
+answers as on any chat data. `teacher_conversations` makes that data with the inference engine: each
+conversation's prompt is its messages before the first assistant turn, the teacher's reply runs to its
+end-of-turn token, and a reply that never gets there within the token budget (or strays into chat markers) is
+left out and counted, since fine-tuning would teach the student to end a turn the teacher never ended.
 """
 from __future__ import annotations
 
@@ -175,3 +182,72 @@ def run_distill(dcfg: DistillConfig, teacher: torch.nn.Module, tokenizer) -> dic
     if int(os.environ.get("RANK", 0)) == 0:
         write_json(Path(cfg.out_dir) / "summary.json", json.loads(json.dumps(summary, default=str)))
     return summary
+
+
+# -- sequence-level distillation: the teacher's answers as fine-tuning data ------------------------------
+
+def prompt_conversations(sources: list[str], n: int | None = None, seed: int = 0) -> list[dict]:
+    """The prompts of `sources` (JSONL files of conversations or built-in source names), at most n in all: each
+    conversation cut before its first assistant message ({"messages": [...]}, "tools" kept when present)."""
+    from lmforge.data import tasks
+    from lmforge.data.chat import read_conversations
+
+    out: list[dict] = []
+    for src in sources:
+        left = None if n is None else n - len(out)
+        if left is not None and left <= 0:
+            break
+        if tasks.is_builtin(src):
+            if left is None and tasks.source(src).kind == "task":
+                raise ConfigError(f"{src!r} is procedural (endless): say how many prompts to take",
+                                  field="generate.prompts")
+            rows = tasks.conversations(src, split="train", n=left, seed=seed)
+        else:
+            rows = ({"messages": c.messages, "tools": c.tools} for c in read_conversations(src))
+        for row in rows:
+            first = next(i for i, m in enumerate(row["messages"]) if m.get("role") == "assistant")
+            if first == 0:
+                continue   # nothing to answer
+            prompt = {"messages": row["messages"][:first]}
+            if row.get("tools"):
+                prompt["tools"] = row["tools"]
+            out.append(prompt)
+            if n is not None and len(out) >= n:
+                break
+    return out
+
+
+def teacher_conversations(teacher, tokenizer, prompts: list[dict], params, *, max_batch: int = 32,
+                          progress: bool = True) -> tuple[list[dict], dict]:
+    """(conversations, counts): each prompt with the teacher's reply appended as the assistant message, and
+    {"prompts", "kept", "unfinished", "stray_markers"}. `params` (SamplingParams) decide how the teacher samples;
+    its replies stop at the tokenizer's end-of-turn token."""
+    from tqdm import tqdm
+
+    from lmforge.infer.engine import Engine
+    from lmforge.tokenizer.chat import end_of_turn_id, render_chat
+
+    end = end_of_turn_id(tokenizer)
+    params = params.replace(stop_token_ids=sorted(set(params.stop_token_ids) | {end}))
+    specials = set(tokenizer.special_tokens.values())
+    engine = Engine(teacher, tokenizer, max_batch=max_batch)
+    ids = [render_chat(tokenizer, p["messages"], p.get("tools"), add_generation_prompt=True)[0] for p in prompts]
+    run = engine.start(ids, params, add_bos=False) if ids else None
+    bar = tqdm(total=len(ids), disable=not progress, unit="reply", desc="teacher replies", dynamic_ncols=True)
+    for _, _, delta in (run or ()):
+        if delta.finish_reason is not None:
+            bar.update(1)
+    bar.close()
+    rows, counts = [], {"prompts": len(prompts), "kept": 0, "unfinished": 0, "stray_markers": 0}
+    for prompt, (res,) in zip(prompts, run.results if run else []):
+        reply = res.token_ids
+        if res.finish_reason != "stop" or not reply or reply[-1] != end:
+            counts["unfinished"] += 1
+            continue
+        if any(t in specials for t in reply[:-1]):
+            counts["stray_markers"] += 1
+            continue
+        rows.append({**prompt, "messages": [*prompt["messages"],
+                                            {"role": "assistant", "content": tokenizer.decode(reply[:-1])}]})
+    counts["kept"] = len(rows)
+    return rows, counts

@@ -1,20 +1,23 @@
-"""Speculative decoding: tokens/s with and without it, and the acceptance rate, on a model trained on the KJV.
+"""Speculative decoding: tokens/s with and without it, and the acceptance rate, on models trained on the KJV.
 
-    OMP_NUM_THREADS=1 python bench/speculative.py                     # trains a target (60 s) + draft (30 s) first
-    OMP_NUM_THREADS=1 python bench/speculative.py --checkpoint runs/quickstart/pretrain/checkpoint
+    python bench/speculative.py                       # trains a tokenizer, a target and a draft first (~10 min)
+    python bench/speculative.py --out runs/specbench  # keep them; later runs: --checkpoint/--draft-checkpoint
 
-Without --checkpoint it trains a BPE tokenizer (vocab 2048) on the KJV and a target (d256, 4 layers) for
---train-seconds with lmforge's trainer; without --draft-checkpoint it trains a draft (d128, 2 layers) with the
-target's tokenizer for --draft-seconds. Then, for each prompt:
+Without --checkpoint it trains a BPE tokenizer (vocab 8192) on the KJV and a target of the ≈125 M decode-bench body
+(d768, 12 layers, GQA 12/4, SwiGLU 2048; ≈88 M parameters with this vocabulary) for --train-steps with lmforge's
+trainer; without --draft-checkpoint a draft of the ≈9 M body (d256, 6 layers, GQA 8/4) with the target's tokenizer
+for --draft-steps. Then, for each prompt:
   plain     generate()
-  lookup    prompt lookup (no draft), lookahead K, n-gram 3
-  draft     the draft model proposes K tokens
-greedy (outputs must be identical to plain: checked) and sampled (temperature 0.8, top-k 50; distribution-equal,
-not sample-equal, so the outputs differ). Prompts: Psalm 136 (every verse ends "for his mercy endureth for
-ever": repetition prompt lookup can copy) and two ordinary openings. Each row is the median of --repeats
-interleaved runs; tokens/s counts generated tokens over wall time, prefill included.
+  lookup    prompt lookup (no draft), n-gram 3, adaptive K starting at --lookahead
+  draft     the draft model proposes, adaptive K
+greedy (outputs must be identical to plain: checked and printed) and sampled (temperature 0.8, top-k 50;
+distribution-equal, not sample-equal, so the outputs differ). Prompts: `numbers7` is input-grounded — Numbers 7,
+where each prince's offering repeats the previous paragraph with only the names changed: the prompt holds two such
+paragraphs and the opening of the third, so continuing it means copying from the prompt; `psalm136` (a refrain);
+`genesis` (an ordinary opening). Each row is the median of --repeats interleaved runs; tokens/s counts generated
+tokens over wall time, prefill included.
 
-CPU timings here are noisy when other jobs share the machine; compare ratios within one run (docs/bench.md).
+CPU timings are noisy when other jobs share the machine; compare ratios within one run (docs/bench.md).
 """
 from __future__ import annotations
 
@@ -34,8 +37,8 @@ from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.speculative import check_draft, speculative_generate
 
 
-TARGET = dict(d_model=256, n_layer=4, n_head=4, max_seq_len=256)
-DRAFT = dict(d_model=128, n_layer=2, n_head=2)
+TARGET = dict(d_model=768, n_layer=12, n_head=12, n_kv_heads=4, d_ff=2048, max_seq_len=512)   # ≈125 M body
+DRAFT = dict(d_model=256, n_layer=6, n_head=8, n_kv_heads=4, d_ff=688)                        # ≈9 M body
 
 
 def kjv_tokens(tok) -> np.ndarray:
@@ -44,8 +47,8 @@ def kjv_tokens(tok) -> np.ndarray:
     return np.concatenate([np.asarray(t, dtype=np.uint16) for t in tok.encode_batch(docs, bos=True)])
 
 
-def train_model(name: str, tok, ids: np.ndarray, seconds: float, size: dict, out: Path, threads: int) -> Path:
-    """Train a model on the KJV token stream with lmforge's trainer for `seconds`; its checkpoint directory."""
+def train_model(name: str, tok, ids: np.ndarray, steps: int, size: dict, out: Path, threads: int) -> Path:
+    """Train a model on the KJV token stream with lmforge's trainer for `steps`; its checkpoint directory."""
     from lmforge.eval.bpb import token_byte_lengths
     from lmforge.model.config import ModelConfig
     from lmforge.model.transformer import Transformer
@@ -56,9 +59,9 @@ def train_model(name: str, tok, ids: np.ndarray, seconds: float, size: dict, out
     cfg = ModelConfig(vocab_size=tok.vocab_size, **size)
     seq = min(cfg.max_seq_len, 256)
     split = int(len(ids) * 0.98)
-    task = PretrainTask(ids[:split], ids[split:], seq_len=seq, batch_size=16, bos_id=tok.bos_id,
+    task = PretrainTask(ids[:split], ids[split:], seq_len=seq, batch_size=8, bos_id=tok.bos_id,
                         token_bytes=token_byte_lengths(tok), eval_tokens=8192)
-    tcfg = TrainConfig(out_dir=str(out / name), max_steps=None, max_time=seconds, optimizer="muon", lr=3e-3,
+    tcfg = TrainConfig(out_dir=str(out / name), max_steps=steps, optimizer="muon", lr=3e-3,
                        warmup_steps=10, log_every=20, threads=threads)
     s = train(Transformer(cfg), task, tcfg, checkpoint=CheckpointSpec(model_config=cfg.to_dict(), tokenizer=tok))
     print(f"trained {name}: {s['step']} steps in {s['train_time']:.0f}s, "
@@ -69,7 +72,9 @@ def train_model(name: str, tok, ids: np.ndarray, seconds: float, size: dict, out
 def prompts() -> dict[str, str]:
     from lmforge.data.corpus import kjv_verses
     ps136 = [v["text"] for v in kjv_verses() if v["book"] == "Psalms" and v["chapter"] == 136]
-    return {"psalm136": "\n".join(ps136[:4]) + "\n",
+    num7 = [v["text"] for v in kjv_verses() if v["book"] == "Numbers" and v["chapter"] == 7]
+    return {"numbers7": "\n".join(num7[11:25]) + "\n",      # two offerings and the third prince's first verse
+            "psalm136": "\n".join(ps136[:4]) + "\n",
             "genesis": "In the beginning God created",
             "moses": "And the LORD spake unto Moses, saying,"}
 
@@ -83,14 +88,14 @@ def timed(fn) -> tuple[float, object]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="target checkpoint (default: train one)")
-    ap.add_argument("--draft-checkpoint", help="draft checkpoint (default: train one; --draft-seconds 0: none)")
+    ap.add_argument("--draft-checkpoint", help="draft checkpoint (default: train one; --draft-steps 0: none)")
     ap.add_argument("--out", help="keep the trained checkpoints here (default: a temporary directory)")
-    ap.add_argument("--train-seconds", type=float, default=60)
-    ap.add_argument("--draft-seconds", type=float, default=30)
+    ap.add_argument("--train-steps", type=int, default=150)
+    ap.add_argument("--draft-steps", type=int, default=400)
     ap.add_argument("--lookahead", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", default="fp32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -103,15 +108,15 @@ def main() -> None:
     else:
         from lmforge.data.corpus import kjv
         from lmforge.tokenizer.tokenizer import Tokenizer
-        tok = Tokenizer.train(list(kjv()), vocab_size=2048, progress=False)
+        tok = Tokenizer.train(list(kjv()), vocab_size=8192, progress=False)
         ids = kjv_tokens(tok)
-        target_dir = train_model("target", tok, ids, args.train_seconds, TARGET, out, args.threads)
+        target_dir = train_model("target", tok, ids, args.train_steps, TARGET, out, args.threads)
         model, tok = load(target_dir, device="cpu")
     draft_dir = args.draft_checkpoint
-    if draft_dir is None and args.draft_seconds > 0:  # a draft for the target's tokenizer and context
+    if draft_dir is None and args.draft_steps > 0:  # a draft for the target's tokenizer and context
         size = {**DRAFT, "max_seq_len": model.config.max_seq_len}
         ids = kjv_tokens(tok) if ids is None else ids
-        draft_dir = train_model("draft", tok, ids, args.draft_seconds, size, out, args.threads)
+        draft_dir = train_model("draft", tok, ids, args.draft_steps, size, out, args.threads)
     draft = None
     if draft_dir:
         draft, draft_tok = load(draft_dir, device="cpu")

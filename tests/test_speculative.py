@@ -60,7 +60,7 @@ def test_greedy_draft_is_target_accepts_everything(tok, models, lookahead):
     m = models["target"]
     for prompt in PROMPTS:
         ref = generate(m, tok, prompt, GREEDY)
-        res = speculative_generate(m, tok, prompt, GREEDY, draft_model=m, lookahead=lookahead)
+        res = speculative_generate(m, tok, prompt, GREEDY, draft_model=m, lookahead=lookahead, adaptive=False)
         assert isinstance(res, SpecResult)
         assert_same(res, ref)
         st = res.spec_stats
@@ -70,6 +70,10 @@ def test_greedy_draft_is_target_accepts_everything(tok, models, lookahead):
         assert st.proposed == st.accepted == 40 - st.steps
         assert st.target_forwards == st.steps + 1  # + the prompt's prefill
         assert st.emitted == len(res.token_ids) == 40
+        # adaptive K grows while everything is accepted (1 -> 3 -> 5 ...): the same tokens in fewer passes
+        ada = speculative_generate(m, tok, prompt, GREEDY, draft_model=m, lookahead=lookahead)
+        assert_same(ada, ref)
+        assert ada.spec_stats.acceptance_rate == 1.0 and ada.spec_stats.steps < st.steps
 
 
 @pytest.mark.parametrize("lookahead", [2, 4])

@@ -34,12 +34,13 @@ string / budget ends the generation there; what the target accepted beyond it is
 caps K, so the caches never hold more than generate()'s would. A stream yields one Delta per verification step
 (all the tokens it emitted), where generate() yields one per token; the text joins up the same.
 
-Where it pays: a verify pass over K+1 tokens costs more than one plain decode step, so speculation wins only when
-enough proposals are accepted per pass to outweigh that, and when a plain step is expensive and memory-bound
-(large models, GPUs). Prompt lookup pays most under greedy decoding on text that repeats its input; under
-sampling its proposals are rarely accepted and it costs a little. A draft model pays only at high acceptance,
-since its own forward passes are far from free. Small models on CPU, whose plain decode step is one native call
-per token (lmforge.infer.native), usually decode faster without speculation. Measured numbers: bench/speculative.py.
+Where it pays: with the C++ decode step (lmforge.infer.native) the verify pass runs through its multi-token pass
+(FastDecoder.extend): each weight is read once for all K+1 positions, so on a model whose step is memory-bound it
+costs about one plain decode step, and every accepted proposal is a step saved. Draft proposals also run through
+the draft's native step. K adapts to the acceptance rate (`adaptive`). Prompt lookup pays most under greedy
+decoding on text that repeats its input (rewriting, quoting, RAG); under sampling its proposals are rarely
+accepted. On a tiny model, where a step is mostly fixed overhead, there is little to save. Measured numbers:
+bench/speculative.py.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ import torch
 
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.checkpoint import unwrap
+from lmforge.infer import fastpath
 from lmforge.infer.detokenize import Detokenizer, stop_check
 from lmforge.infer.outputs import Delta, GenerationResult, GenerationStream
 from lmforge.infer.request import Request, prepare
@@ -174,6 +176,11 @@ class _Draft:
         self.max_seq = model.config.max_seq_len
         self.cache = model.new_kv_cache(1, max_len=min(self.max_seq, max_len))
         self.device = next(model.parameters()).device
+        self.fast = None          # set under inference_mode by the loop
+
+    def forward(self, feed: list[int]) -> torch.Tensor:
+        """Logits [V] after feeding `feed` into the draft's cache (one native call when it runs)."""
+        return forward_tokens(self.model, self.fast, feed, self.cache, self.device)[-1]
 
     def propose(self, seq: list[int], out_ids: list[int], k: int, gen, stats: SpecStats):
         """Up to k tokens and the distributions q [k, V] they were drawn from (the draft's processed ones;
@@ -185,9 +192,8 @@ class _Draft:
         feed = seq[self.cache.pos:]
         props, qs = [], []
         for _ in range(k):
-            logits, _ = self.model(torch.tensor([feed], device=self.device), kv_cache=self.cache, logits_to_keep=1)
+            raw = self.forward(feed)[None, :req.vocab].float()  # a model may pad its vocabulary; padding is no token
             stats.draft_forwards += 1
-            raw = logits[:, -1, :req.vocab].float()  # a model may pad its vocabulary; padding is no token
             q = process_logits(raw, params, [req.prompt_ids], [out_ids + props], eos_token_ids=req.eos)
             t = int(sample(q, [gen])[0])
             props.append(t)
@@ -204,9 +210,33 @@ class _Draft:
 # ---------------------------------------------------------------------------------------------------------------
 # the loop
 
+def fast_decoder(model):
+    """The model's decode fast path (FastDecoder) when it runs the C++ step here, else None (module path)."""
+    if not fastpath.usable(model):
+        return None
+    dec = fastpath.FastDecoder(model)
+    return dec if dec.native else None
+
+
+def forward_tokens(model, fast, tokens: list[int], cache, device) -> torch.Tensor:
+    """Feed `tokens` into one row's KV cache and return their logits [T, V]. A short run goes through the fast path's
+    multi-token pass (each weight read once for all T positions: about one decode step on a memory-bound model);
+    a long one (a prompt) through the model's forward."""
+    if fast is not None and len(tokens) <= MAX_FAST_TOKENS:
+        logits = fast.extend(torch.tensor([tokens], dtype=torch.long), cache)
+        if logits is not None:
+            return logits[0]
+    logits, _ = model(torch.tensor([tokens], device=device), kv_cache=cache, logits_to_keep=len(tokens))
+    return logits[0]
+
+
+MAX_FAST_TOKENS = 16
+
+
 def _spec_decode(model, tokenizer, req: Request, draft_model, lookahead: int, ngram: int, precision: str,
-                 stats: SpecStats) -> Iterator[Delta]:
+                 stats: SpecStats, adaptive: bool = False) -> Iterator[Delta]:
     params, prompt_ids = req.params, req.prompt_ids
+    max_lookahead = min(MAX_FAST_TOKENS - 1, max(2 * lookahead, 8))
     ends = set(req.eos) | set(params.stop_token_ids)
     device = next(model.parameters()).device
     gen = params.make_generator(device, offset=req.choice)
@@ -223,6 +253,9 @@ def _spec_decode(model, tokenizer, req: Request, draft_model, lookahead: int, ng
         m.eval()
     try:
         with torch.inference_mode(), autocast(device, resolve_precision(precision, device)):
+            fast = fast_decoder(model)
+            if draft is not None:
+                draft.fast = fast_decoder(draft_model)
             if len(seq) > 1:
                 model(torch.tensor([seq[:-1]], device=device), kv_cache=cache, logits_to_keep=1)
                 stats.target_forwards += 1
@@ -236,10 +269,8 @@ def _spec_decode(model, tokenizer, req: Request, draft_model, lookahead: int, ng
                 K = len(proposal)
 
                 # 2. one target pass over [last token, d_1..d_K]: logits for K+1 positions
-                logits, _ = model(torch.tensor([[seq[-1]] + proposal], device=device), kv_cache=cache,
-                                  logits_to_keep=K + 1)
-                stats.target_forwards += 1
-                raw = logits[0, :, :req.vocab].float()  # [K+1, vocab]: draft and target may pad differently
+                raw = forward_tokens(model, fast, [seq[-1]] + proposal, cache, device)[:, :req.vocab].float()
+                stats.target_forwards += 1                # [K+1, vocab]: draft and target may pad differently
                 # position i follows d_1..d_{i-1}: penalties and min_tokens must see them as output
                 processed = process_logits(raw, params, [prompt_ids] * (K + 1),
                                            [out_ids + proposal[:i] for i in range(K + 1)], eos_token_ids=req.eos)
@@ -248,6 +279,8 @@ def _spec_decode(model, tokenizer, req: Request, draft_model, lookahead: int, ng
                 n, nxt = verify(processed.unsqueeze(0), torch.tensor([proposal], dtype=torch.long, device=device),
                                 None if q is None else q.to(device).unsqueeze(0), gen)
                 n, nxt = int(n[0]), int(nxt[0])
+                if adaptive and K:                         # all accepted: propose more; a rejection: fewer
+                    lookahead = min(lookahead + 2, max_lookahead) if n == K else max(1, lookahead - 1)
                 stats.steps += 1
                 stats.proposed += K
                 stats.accepted += n
@@ -292,12 +325,15 @@ def check_draft(model, tokenizer, draft_model, draft_tokenizer=None, file: str |
 
 def speculative_generate(model, tokenizer, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
                          draft_model=None, draft_tokenizer=None, lookahead: int = 4, ngram: int = 3,
-                         add_bos: bool | None = None, precision: str = "fp32", stream: bool = False):
+                         adaptive: bool = True, add_bos: bool | None = None, precision: str = "fp32",
+                         stream: bool = False):
     """generate(), sped up by speculation (see the module docstring); same arguments and results, plus
     `result.spec_stats` (a SpecStats; `stream.spec_stats` while streaming).
 
     draft_model:     a model sharing `tokenizer` (pass `draft_tokenizer` to have that checked); None = prompt lookup.
-    lookahead:       K, tokens proposed per step.
+    lookahead:       K, tokens proposed per step (the starting K when adaptive).
+    adaptive:        tune K as it goes: +2 after a pass that accepted every proposal, -1 after a rejection
+                     (between 1 and max(2 K, 8)), so K follows the acceptance rate of the text at hand.
     ngram:           prompt lookup matches the last `ngram` tokens first, then shorter suffixes down to one token.
     """
     params = params or SamplingParams()
@@ -313,6 +349,6 @@ def speculative_generate(model, tokenizer, prompt: str | Sequence[int], params: 
         check_draft(model, tokenizer, draft_model, draft_tokenizer)
     req = prepare(model, tokenizer, prompt, params, add_bos)
     stats = SpecStats()
-    s = SpecStream(_spec_decode(model, tokenizer, req, draft_model, lookahead, ngram, precision, stats),
+    s = SpecStream(_spec_decode(model, tokenizer, req, draft_model, lookahead, ngram, precision, stats, adaptive),
                    req.prompt_ids, stats)
     return s if stream else s.consume()

@@ -498,8 +498,8 @@ def test_read_conversations(tmp_path):
         {"messages": CONVERSATIONS["multi-turn-system"]},
     ])
     convs = list(read_conversations(f))
-    assert [c.source for c in convs] == [f"{f}:1", f"{f}:3", f"{f}:4"]
-    assert convs[0] == Conversation(CONVERSATIONS["tools"], TOOLS, f"{f}:1")
+    assert [c.where for c in convs] == [f"{f}:1", f"{f}:3", f"{f}:4"]
+    assert convs[0] == Conversation(CONVERSATIONS["tools"], TOOLS, str(f), 1)
     assert convs[1].messages == [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"}]
     assert convs[1].tools is None and convs[2].messages == CONVERSATIONS["multi-turn-system"]
 
@@ -524,7 +524,7 @@ def test_reader_bad_rows_name_file_and_line(tmp_path, row, words):
     good = {"prompt": "a", "completion": "b"}
     f = write_lines(tmp_path / "bad.jsonl", [good, good, row, good])
     it = read_conversations(f)
-    assert next(it).source == f"{f}:1"   # streaming: rows before the bad one come out
+    assert next(it).where == f"{f}:1"   # streaming: rows before the bad one come out
     with pytest.raises(DataError) as e:
         list(it)
     msg = str(e.value)

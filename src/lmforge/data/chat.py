@@ -24,7 +24,12 @@ from lmforge.tokenizer.chat import validate_messages, validate_tools
 class Conversation:
     messages: list[dict]
     tools: list[dict] | None = None
-    source: str = ""            # where it came from, "file:line" (for errors met later, e.g. too long)
+    file: str | None = None     # where it came from (a file, or a built-in source's name), for errors met later
+    line: int | None = None     # (a row too long for the model, say)
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}" if self.line is not None else str(self.file)
 
 
 def parse_row(row) -> Conversation:
@@ -81,5 +86,5 @@ def read_conversations(path: str | Path) -> Iterator[Conversation]:
                 conv = parse_row(row)
             except DataError as e:
                 raise DataError(e.message, file=str(path), line=n) from None
-            conv.source = f"{path}:{n}"
+            conv.file, conv.line = str(path), n
             yield conv

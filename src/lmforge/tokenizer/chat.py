@@ -378,7 +378,7 @@ def _encode_segment(tok, text: str, start: int, end: int, spans, ids: list, mask
     norm = _normalizer(tok)
     new = tok.encode(seg)
     ids.extend(new)
-    local = [(norm(seg[:max(s, start) - start]).__len__(), norm(seg[:min(e, end) - start]).__len__())
+    local = [(len(norm(seg[:max(s, start) - start])), len(norm(seg[:min(e, end) - start])))
              for s, e in spans if s < end and e > start]
     if not local:
         mask.extend([0] * len(new))

@@ -3,6 +3,7 @@
     lmforge pretrain --data runs/data --out runs/pretrain model.preset=cpu-small train.max_steps=500
     torchrun --nproc_per_node=8 -m lmforge pretrain --data runs/data --out runs/pretrain   # DDP (or FSDP)
     lmforge distill --teacher runs/pretrain --data runs/data --out runs/student model.preset=tiny distill.loss=fkl
+    lmforge sft --checkpoint runs/pretrain --data chats.jsonl arithmetic:digits=2 --out runs/sft train.max_steps=300
 """
 from __future__ import annotations
 
@@ -72,9 +73,61 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def sft_arguments(p) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="BASE",
+                   help="the base model: an lmforge checkpoint or run directory, or a Hugging Face model directory")
+    p.add_argument("--data", nargs="+", default=None, metavar="SRC",
+                   help="JSONL files of conversations ({messages: [...]} or {prompt, completion} rows) and/or "
+                        "built-in sources (arithmetic[:digits=N], chatterbot[:LANG], rg:NAME; see lmforge data list)")
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory (train.out_dir)")
+    p.add_argument("--recipe", default=None, help="YAML recipe (keys of SFTConfig)")
+    p.add_argument("--truncate", action="store_true",
+                   help="cut conversations longer than the context instead of refusing them (same as truncate=true)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same as train.resume=true)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="e.g. train.max_steps=300 train.lr=3e-4 train.batch_size=16 val_fraction=0.05 source_n=5000")
+
+
+_OVERRIDE = r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*="
+
+
+def cmd_sft(args) -> int:
+    import re
+
+    import lmforge
+    from lmforge.config import load_config
+    from lmforge.stages.sft import SFTConfig, run_sft
+
+    # `--data a.jsonl b.jsonl train.max_steps=5`: argparse gives --data the KEY=VALUE words too (a source's own
+    # options look like NAME:KEY=VALUE, a file has no bare KEY= prefix)
+    data = list(args.data or [])
+    over = [d for d in data if re.match(_OVERRIDE, d)] + list(args.overrides)
+    data = [d for d in data if not re.match(_OVERRIDE, d)]
+    if args.out:
+        over.insert(0, f"train.out_dir={args.out}")
+    if args.truncate:
+        over.append("truncate=true")
+    if args.resume:
+        over.append("train.resume=true")
+    cfg = load_config(SFTConfig, args.recipe, over)
+    cfg.checkpoint = args.checkpoint
+    cfg.data = data or cfg.data
+    model, tok = lmforge.load(cfg.checkpoint, device="cpu")   # the trainer moves it to the device
+    s = run_sft(cfg, model, tok, base=cfg.checkpoint)
+    print(f"sft: {s['step']} steps on {s['train_conversations']:,} conversations ({s['val_conversations']:,} held "
+          f"out), {s['tokens']:,} tokens in {s['train_time']:.1f}s ({s['tokens'] / max(s['train_time'], 1e-9):,.0f} "
+          f"tok/s, {s['precision']}); {100 * s['assistant_fraction']:.0f}% of tokens trained (assistant); "
+          f"val loss {s.get('val_loss', float('nan')):.4f}; checkpoint {s['checkpoint']}")
+    for q, a in s.get("answers", []):
+        print(f"  {q!r} -> {a!r}")
+    return 0
+
+
 VERBS = [
     Verb(("pretrain",), "pretrain a Transformer on token shards (torchrun-aware: DDP/FSDP)", pretrain_arguments,
          cmd_pretrain),
     Verb(("distill",), "train a small student on a teacher's next-token distributions (logit distillation)",
          distill_arguments, cmd_distill),
+    Verb(("sft",), "supervised fine-tuning for chat on conversations (loss on the assistant's tokens only)",
+         sft_arguments, cmd_sft),
 ]

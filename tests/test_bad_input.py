@@ -92,6 +92,11 @@ CASES = {
         ("vocab-override-below-the-tokenizer", lambda f: ["--data", f / "data", "--out", "run", "train.max_steps=1",
                                                           "model.overrides={vocab_size: 100}"]),
     ],
+    ("sft",): [
+        ("data-not-conversations", lambda f: ["--checkpoint", f / "ck", "--data", f / "notes.txt", "--out", "run"]),
+        ("unknown-source", lambda f: ["--checkpoint", f / "ck", "--data", "nosuchsource", "--out", "run"]),
+        ("missing-base", lambda f: ["--checkpoint", f / "nope", "--data", f / "notes.txt", "--out", "run"]),
+    ],
     ("distill",): [
         ("teacher-of-another-vocabulary", lambda f: ["--teacher", f / "ck", "--data", f / "data", "--out", "run",
                                                      "train.max_steps=1", "model.overrides={vocab_size: 400}"]),

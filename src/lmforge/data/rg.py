@@ -55,7 +55,8 @@ class ReasoningGymFamily(TaskFamily):
             close = difflib.get_close_matches(dataset, names, n=3)
             hint = f"did you mean {', '.join(close)}? " if close else ""
             raise ConfigError(f"{source!r}: unknown reasoning-gym dataset {dataset!r} ({hint}{len(names)} datasets: "
-                              f"{', '.join(names[:6])}, ...; `lmforge data list` lists them)", field="source")
+                              f"{', '.join(names[:6])}, ...: sorted(reasoning_gym.factory.DATASETS) lists them)",
+                              field="source")
         self.dataset, self.config = dataset, dict(config or {})
         self._rg = rg
         self._check = self._make(0, 1)               # a bad config fails now, not while drawing

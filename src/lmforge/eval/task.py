@@ -82,8 +82,8 @@ def evaluate_task(model, tok, family, n: int = 200, seed: int = 0, *, k: int = 0
     greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop_token_ids=stop_ids(tok))
     # problem i samples with seeds s_i .. s_i + samples - 1 (the engine adds the completion index): no two
     # problems share a random stream
-    sampled = [greedy.replace(temperature=float(temperature), n=samples, seed=(seed * 1_000_003 + i * samples) % 2 ** 63)
-               for i in range(len(problems))] if k else []
+    sampled = [greedy.replace(temperature=float(temperature), n=samples,
+                              seed=(seed * 1_000_003 + i * samples) % 2 ** 63) for i in range(len(problems))] if k else []
     answer = _answer_with_tools if family.tools else _answer
     g_out, s_out = answer(model, tok, family, problems, greedy, sampled, eot, batch_size, progress)
 

@@ -464,6 +464,8 @@ def test_hf_template_content_specials_and_errors(hf_root, monkeypatch):
     ids, _ = render_chat(tok, msgs)
     assert ids == auto.apply_chat_template(msgs, return_dict=False)
     assert ids.count(tok.special_tokens["<|eot_id|>"]) == 4   # system, user (2), assistant
+    # an empty tool list is not "no tools" to this template (it declares the ipython environment)
+    assert render_chat(tok, msgs, [])[0] == auto.apply_chat_template(msgs, tools=[], return_dict=False) != ids
     # the template's raise_exception is a DataError with its message
     with pytest.raises(DataError, match="only supports single tool-calls"):
         render_chat(tok, CONVERSATIONS["two-calls"])

@@ -195,7 +195,7 @@ def _validate_calls(calls, where: str) -> list[dict]:
 
 
 def validate_tools(tools) -> list[dict] | None:
-    """The tools (OpenAI shape) as given, or None for none; DataError naming the entry otherwise."""
+    """The tools (OpenAI shape) as given (None for none); DataError naming the entry otherwise."""
     if tools is None:
         return None
     if not isinstance(tools, (list, tuple)):
@@ -213,7 +213,7 @@ def validate_tools(tools) -> list[dict] | None:
             raise DataError(f"{w}: 'function.description' must be a string")
         if "parameters" in fn and not isinstance(fn["parameters"], dict):
             raise DataError(f"{w}: 'function.parameters' must be a JSON-schema object")
-    return list(tools) or None
+    return list(tools)   # [] stays []: a Jinja template may tell "no tools" from "an empty list of tools"
 
 
 def _kind(x: Any) -> str:
@@ -275,6 +275,11 @@ def _compile(template: str):
     import jinja2.nodes
     import jinja2.utils
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if tuple(int(p) for p in jinja2.__version__.split(".")[:3] if p.isdigit()) < (3, 1, 6):
+        # templates come with downloaded models: untrusted code, and older sandboxes have known escapes
+        raise ConfigError(f"rendering a model's own chat template needs jinja2 >= 3.1.6 (found {jinja2.__version__}, "
+                          "whose sandbox has known escapes): pip install -U jinja2")
 
     class Generation(jinja2.ext.Extension):
         """`{% generation %}...{% endgeneration %}` (marks assistant text for transformers' own masks): renders

@@ -11,13 +11,20 @@
 leaves the previous good checkpoint in place — at `DIR`, or at `DIR.old` for the instant between the two renames,
 where `resolve` finds it too. This module is core: it knows no model class and no other format. The one loader
 that builds a model from a directory (this format or Hugging Face's) is `lmforge.load`.
+
+A LoRA run's checkpoint (lmforge.model.lora) holds only the adapters, `<layer>.lora_A` and `<layer>.lora_B`, in
+model.safetensors, and says in config.json["lora"] which base they belong to: {"rank", "alpha", "dropout",
+"targets", "modules" (the wrapped layers), "base": {"path", "weights_sha256" (`weights_hash` of its weights)}}.
+`load` reads the base from there, refuses a base whose weights changed since, and adds the adapters.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -125,6 +132,16 @@ def is_checkpoint(path: str | Path) -> bool:
         return False
 
 
+def is_lmforge_checkpoint(path: str | Path) -> bool:
+    """A checkpoint of this format (a Hugging Face model directory also has config.json + model.safetensors, but
+    its config.json has no 'model' section)."""
+    try:
+        config = read_config(path)
+    except CheckpointError:
+        return False
+    return isinstance(config, dict) and isinstance(config.get("model"), dict)
+
+
 def resolve(path: str | Path) -> Path:
     """Accept a checkpoint dir or a run dir (→ run/checkpoint); fall back to `.old` after a crash mid-swap."""
     path = Path(path)
@@ -149,13 +166,32 @@ def read_config(path: str | Path) -> dict:
 
 def load(path: str | Path, model: torch.nn.Module, strict: bool = True) -> None:
     """Load model.safetensors into `model`. strict=False allows tensors the model has but the file lacks (a
-    file of trainable tensors only); tensors the model does not know are always an error."""
+    file of trainable tensors only); tensors the model does not know are always an error.
+
+    A LoRA checkpoint loads its base's weights from the lmforge checkpoint it names (checked against the hash it
+    recorded) and then its adapters: into the model's adapters when it has them (wrapped by
+    lmforge.model.lora.apply_lora_section), else merged into the weights, W + (alpha / r) B A. Either way the
+    model computes what the LoRA run trained. The directory is recorded on the model as `model.loaded_from`
+    (a LoRA run trained on this model refers to it)."""
     path = resolve(path)
-    file = str(path / "model.safetensors")
+    section = lora_section(path)
+    if section is None:
+        _load_state(read_weights(path), model, strict, str(path / "model.safetensors"))
+    else:
+        _load_lora(path, model, section)
+    unwrap(model).loaded_from = str(path)
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's model.safetensors, or a CheckpointError naming the file."""
+    file = str(resolve(path) / "model.safetensors")
     try:
-        state = load_file(file)
+        return load_file(file)
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise CheckpointError(f"cannot read weights: {e}", file=file) from None
+
+
+def _load_state(state: dict, model: torch.nn.Module, strict: bool, file: str) -> None:
     check_shapes({k: v.shape for k, v in state.items()},
                  {k: v.shape for k, v in unwrap(model).state_dict().items()}, file)
     missing, unexpected = unwrap(model).load_state_dict(state, strict=False)
@@ -163,6 +199,106 @@ def load(path: str | Path, model: torch.nn.Module, strict: bool = True) -> None:
     if missing or unexpected:
         raise CheckpointError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}",
                               file=file)
+
+
+# ---- LoRA checkpoints: adapters + a reference to their base -----------------------------------------------------
+ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
+
+
+def lora_section(path: str | Path) -> dict | None:
+    """config.json["lora"] of a LoRA run's checkpoint, None for a checkpoint of full weights."""
+    path = resolve(path)
+    config = read_config(path)
+    section = config.get("lora") if isinstance(config, dict) else None
+    if section is not None and not (isinstance(section, dict) and isinstance(section.get("base"), dict)
+                                    and isinstance(section["base"].get("path"), str)):
+        raise CheckpointError("malformed 'lora' section (no base path)", file=str(path / "config.json"))
+    return section
+
+
+def lora_base(path: str | Path) -> Path:
+    """The base model directory a LoRA checkpoint's adapters belong to (an lmforge checkpoint or an HF directory)."""
+    path = resolve(path)
+    base = Path(lora_section(path)["base"]["path"])
+    if not base.exists():
+        raise CheckpointError(f"the base model of this LoRA run is gone: {base} not found",
+                              file=str(path / "config.json"))
+    return base
+
+
+def weights_hash(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, shapes and float32 values (tied tensors once, names sorted): the same for a
+    model in memory and for the checkpoint it was loaded from, whatever dtype the file stores (bf16 and fp16
+    widen to fp32 exactly)."""
+    h = hashlib.sha256()
+    unique = _dedupe_tied({k: v.detach() for k, v in state.items()})
+    for name in sorted(unique):
+        t = unique[name].float().contiguous().cpu()
+        h.update(f"{name}:{list(t.shape)};".encode())
+        h.update(memoryview(t.numpy()).cast("B"))
+    return h.hexdigest()
+
+
+def check_base(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """The base weights `state` are those LoRA checkpoint `path` was trained on (its recorded hash)."""
+    path = resolve(path)
+    base = lora_section(path)["base"]
+    if weights_hash(state) != base.get("weights_sha256"):
+        raise CheckpointError(f"the base model {base['path']} has changed since this LoRA run was trained (its "
+                              "weights hash differs): the adapters fit only the original base",
+                              file=str(path / "config.json"))
+
+
+def load_adapters(path: str | Path, model: torch.nn.Module) -> None:
+    """Load a LoRA checkpoint's adapter tensors into a model wrapped with the same layers (its base weights are the
+    caller's business: see `load`)."""
+    path = resolve(path)
+    file = str(path / "model.safetensors")
+    adapters = read_weights(path)
+    expected = {k: v.shape for k, v in unwrap(model).state_dict().items() if k.endswith(ADAPTER_SUFFIXES)}
+    if adapters.keys() != expected.keys():
+        missing, unexpected = sorted(expected.keys() - adapters.keys()), sorted(adapters.keys() - expected.keys())
+        raise CheckpointError(f"the adapters do not match the model's: missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}", file=file)
+    check_shapes({k: v.shape for k, v in adapters.items()}, expected, file)
+    unwrap(model).load_state_dict(adapters, strict=False)
+
+
+def _load_lora(path: Path, model: torch.nn.Module, section: dict) -> None:
+    base = lora_base(path)
+    if not is_lmforge_checkpoint(base):
+        raise CheckpointError(f"the base model {base} is not an lmforge checkpoint (a Hugging Face directory?): "
+                              "load this LoRA run with lmforge.load", file=str(path / "config.json"))
+    state = read_weights(base)
+    check_base(state, path)
+    adapters = read_weights(path)
+    file = str(path / "model.safetensors")
+    own = unwrap(model).state_dict()
+    if any(k.endswith(ADAPTER_SUFFIXES) for k in own):      # a wrapped model: base and adapters side by side
+        load_adapters(path, model)
+        _load_state(state, model, False, str(base / "model.safetensors"))
+        missing = [k for k in own if k not in state and k not in adapters and not _is_tied_alias(unwrap(model), k)]
+        if missing:
+            raise CheckpointError(f"weights do not match the model: missing {missing[:5]}", file=file)
+        return
+    scale = float(section["alpha"]) / int(section["rank"])  # a plain model: merge the adapters into its weights
+    for m in section["modules"]:
+        try:
+            w, a, b = state[f"{m}.weight"], adapters[f"{m}.lora_A"], adapters[f"{m}.lora_B"]
+        except KeyError as e:
+            raise CheckpointError(f"no tensor {e} for the adapted layer {m!r}", file=file) from None
+        state[f"{m}.weight"] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+    _load_state(state, model, True, file)
+
+
+def require_full_weights(path: str | Path) -> None:
+    """For readers of model.safetensors that need every weight: a LoRA checkpoint (adapters only) is an error
+    that says what to do instead."""
+    path = resolve(path)
+    if lora_section(path) is not None:
+        raise CheckpointError("a LoRA checkpoint holds only adapters: merge them into the base first (lmforge lora "
+                              "merge --checkpoint RUN --out DIR), or export the adapter alone (lmforge lora export)",
+                              file=str(path))
 
 
 def check_shapes(found: dict, expected: dict, file: str) -> None:

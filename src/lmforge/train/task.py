@@ -50,9 +50,10 @@ class Task:
         raise NotImplementedError(f"{type(self).__name__} must define loss(model, batch)")
 
     def trainable(self, model: nn.Module) -> Iterable[tuple[str, nn.Parameter]] | None:
-        """The (name, parameter) pairs the optimizer trains, e.g. only LoRA adapters. The trainer sets
+        """The (name, parameter) pairs the optimizer trains, e.g. a new head only. The trainer sets
         requires_grad=False on every other parameter of the model. Default None: every parameter that
-        requires grad."""
+        requires grad. LoRA needs no override: with `train.lora` the trainer has wrapped the model and frozen
+        everything but the adapters before this hook runs, and refuses a task that trains anything else."""
         return None
 
     def frozen_modules(self) -> dict[str, nn.Module]:

@@ -5,7 +5,9 @@ differs only in its task, a `lmforge.train.task.Task`: how a batch is built, whi
 which modules ride along frozen, what happens before each step. The loop owns everything else: optimizer, LR
 schedule, gradient accumulation, clipping, mixed precision, torch.compile, DDP/FSDP, stopping by steps / tokens /
 wall-clock, periodic eval and samples, progress bar, metrics.jsonl + PNG plots, and atomic checkpoints (what
-they hold besides weights: a `CheckpointSpec`) with exact resume.
+they hold besides weights: a `CheckpointSpec`) with exact resume. With `train.lora.rank > 0` (lmforge.model.lora)
+the loop wraps the targeted layers in LoRA adapters before it builds the optimizer, trains only them, and saves only
+them with a reference to the base model — for whichever stage runs.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +26,8 @@ from tqdm import tqdm
 from lmforge import checkpoint as ckpt
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.io import run_lock
+from lmforge.model.lora import (LoRAConfig, apply_lora, check_only_adapters_train, lora_checkpoint_section,
+                                lora_state_dict, resume_lora)
 from lmforge.runtime import (Dist, all_reduce_mean, autocast, init_distributed, measured_peak_flops,
                              resolve_precision)
 from lmforge.train.metrics import MetricsLog, plot_curves
@@ -73,6 +77,8 @@ class TrainConfig:
     save_every: int = 0
     resume: bool = False
     progress: bool = True
+    # LoRA (lmforge.model.lora): rank > 0 trains only low-rank adapters on the layers `targets` selects
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self):
         for name in ("max_steps", "max_tokens", "max_time"):
@@ -211,14 +217,16 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, *, checkpoint: Checkpo
         # never silently start again from step 1 over a run's metrics
         raise CheckpointError("nothing to resume: no complete checkpoint in this run directory (drop --resume / "
                               "train.resume to start a new run)", file=str(ckpt_dir))
+    # LoRA's targets and base are checked before anything is written
+    lora = lora_checkpoint_section(ckpt.unwrap(model), cfg.lora) if cfg.lora.rank else None
     if int(os.environ.get("RANK", 0)) != 0:      # only rank 0 writes
-        return _train(model, task, cfg, checkpoint, flops_per_token)
+        return _train(model, task, cfg, checkpoint, flops_per_token, lora)
     with run_lock(cfg.out_dir):
-        return _train(model, task, cfg, checkpoint, flops_per_token)
+        return _train(model, task, cfg, checkpoint, flops_per_token, lora)
 
 
 def _train(model: nn.Module, task: Task, cfg: TrainConfig, checkpoint: CheckpointSpec,
-           flops_per_token: float | None) -> dict:
+           flops_per_token: float | None, lora: dict | None) -> dict:
     d, device = init_distributed(cfg.device)
     if cfg.grad_accum % d.world_size:
         raise ConfigError(f"grad_accum={cfg.grad_accum} must be a multiple of the {d.world_size} processes",
@@ -232,17 +240,27 @@ def _train(model: nn.Module, task: Task, cfg: TrainConfig, checkpoint: Checkpoin
     # -- the model, what trains, what rides along frozen, and the state to resume from --------------------
     model.to(device)
     freeze_modules(task, model, device)
+    if lora is not None:                    # adapters on the base, before the optimizer sees the parameters
+        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, lora["modules"])
     step, tokens_seen, train_time = 0, 0, 0.0
     resume_state = opt_state = None
     if cfg.resume:                          # train() checked there is a checkpoint
-        ckpt.load(ckpt_dir, model)
         resume_state, opt_state = ckpt.load_trainer_state(ckpt_dir)
         saved_opt = (resume_state.get("config") or {}).get("optimizer", "adamw")
         if saved_opt != cfg.optimizer:
             raise CheckpointError(f"the checkpoint was trained with optimizer={saved_opt}; resume with the same "
                                   f"optimizer (got {cfg.optimizer})", file=str(ckpt_dir / "trainer_state.json"))
+        if lora is not None:
+            resume_lora(ckpt_dir, model, lora)      # the same adapters on the same base, then their weights
+        elif ckpt.lora_section(ckpt_dir) is not None:
+            raise CheckpointError("this run trained LoRA adapters: resume it with the same train.lora settings",
+                                  file=str(ckpt_dir / "config.json"))
+        else:
+            ckpt.load(ckpt_dir, model)
         step, tokens_seen, train_time = resume_state["step"], resume_state["tokens"], resume_state["train_time"]
     select_trainable(task, model)           # before wrapping: DDP records which parameters need gradients
+    if lora is not None:
+        check_only_adapters_train(model)
     raw_model = model
     model = _wrap_distributed(model, cfg, d, device)
     optimizer = build_optimizer(model, cfg, device)  # over the parameters that require grad
@@ -289,9 +307,10 @@ def _train(model: nn.Module, task: Task, cfg: TrainConfig, checkpoint: Checkpoin
             return
         ts = {"step": step, "tokens": tokens_seen, "train_time": train_time, "rng": rng_state(),
               "task": task.state_dict(), "config": asdict(cfg), "world_size": d.world_size}
+        extra = checkpoint.extra if lora is None else {**(checkpoint.extra or {}), "lora": lora}
         ckpt.save(ckpt_dir, model=state_model, model_config=checkpoint.model_config, tokenizer=checkpoint.tokenizer,
                   generation_config=checkpoint.generation_config, trainer_state=ts, optimizer_state=opt_sd,
-                  extra=checkpoint.extra)
+                  extra=extra, state_dict=lora_state_dict(state_model) if lora is not None else None)
 
     raw_model.train()
     # The RNGs are restored last, right before the first step: anything above may draw random numbers, and the

@@ -220,12 +220,17 @@ def inference_linear(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) 
     The combined weight is cached on `owner` and rebuilt when a source tensor changed (an optimizer step bumps its
     version), so sampling between training steps stays correct. Training uses the modules themselves."""
     transposed = getattr(owner, "transposed_weights", False)
+    mods = [getattr(owner, n) for n in names]
     if len(names) == 1 and not transposed:
-        return getattr(owner, names[0])(x)
+        return mods[0](x)
+    if any(type(m) is not nn.Linear for m in mods):
+        # a wrapped projection (a LoRA adapter) computes more than x W^T + b: let it run its own forward
+        ys = [m(x) for m in mods]
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
     if transposed and x.numel() >= 16 * x.size(-1):
         # many rows (a prefill): MKL is faster on the (out, in) layout there (notably on wide matrices),
         # so use the modules' own weights; the (in, out) copy is for the 1-row decode steps
-        ys = [F.linear(x, m.weight, m.bias) for m in (getattr(owner, n) for n in names)]
+        ys = [F.linear(x, m.weight, m.bias) for m in mods]
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
     w, b = inference_weight(owner, names)
     if not transposed:

@@ -455,6 +455,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, progress: bool = True)
     from lmforge.tokenizer.tokenizer import Tokenizer
 
     path = ckpt.resolve(checkpoint)
+    ckpt.require_full_weights(path)   # a LoRA run: adapters only
     cfg = ModelConfig.from_checkpoint(path)
     tok = Tokenizer.load(path / "tokenizer")
     hc, family = hf_config(cfg, tok)

@@ -207,6 +207,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, qtype: str = "f16", *, 
     if qtype not in TYPES:
         raise ConfigError(f"{qtype!r} is not one of {', '.join(TYPES)}", field="type")
     path = ckpt.resolve(checkpoint)
+    ckpt.require_full_weights(path)   # a LoRA run: adapters only
     cfg = ModelConfig.from_checkpoint(path)
     check_exportable(cfg)
     tok = Tokenizer.load(path / "tokenizer")

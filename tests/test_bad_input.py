@@ -91,6 +91,14 @@ CASES = {
         ("out-is-a-file", lambda f: ["--data", f / "data", "--out", f / "notes.txt", "train.max_steps=1"]),
         ("vocab-override-below-the-tokenizer", lambda f: ["--data", f / "data", "--out", "run", "train.max_steps=1",
                                                           "model.overrides={vocab_size: 100}"]),
+        ("lora-target-matches-nothing", lambda f: ["--data", f / "data", "--tokenizer", f / "tok", "--out", "run",
+                                                   f"init_from={f / 'ck'}",
+                                                   "seq_len=64", "model.overrides={n_layer: 2, n_head: 4, "
+                                                   "n_kv_heads: 2, d_model: 32}", "train.max_steps=1",
+                                                   "train.lora.rank=4", "train.lora.targets=q_proj,nope"]),
+        ("lora-without-a-base-checkpoint", lambda f: ["--data", f / "data", "--tokenizer", f / "tok", "--out", "run",
+                                                      "train.max_steps=1", "train.lora.rank=4"]),
+        ("lora-rank-negative", lambda f: ["--data", f / "data", "--out", "run", "train.lora.rank=-1"]),
     ],
     ("sft",): [
         ("data-not-conversations", lambda f: ["--checkpoint", f / "ck", "--data", f / "notes.txt", "--out", "run"]),
@@ -203,6 +211,14 @@ CASES = {
     ("export", "gguf"): [
         ("weights-of-another-model", lambda f: ["--checkpoint", f / "other", "--out", "m.gguf"]),
         ("out-is-a-directory", lambda f: ["--checkpoint", f / "ck", "--out", f / "tok"]),
+    ],
+    ("lora", "merge"): [
+        ("not-a-lora-checkpoint", lambda f: ["--checkpoint", f / "ck", "--out", "merged"]),
+        ("missing-checkpoint", lambda f: ["--checkpoint", f / "nope", "--out", "merged"]),
+    ],
+    ("lora", "export"): [
+        ("not-a-lora-checkpoint", lambda f: ["--checkpoint", f / "ck", "--out", "adapter"]),
+        ("checkpoint-is-a-file", lambda f: ["--checkpoint", f / "notes.txt", "--out", "adapter"]),
     ],
 }
 

@@ -3,6 +3,7 @@
     lmforge pretrain --data runs/data --out runs/pretrain model.preset=cpu-small train.max_steps=500
     torchrun --nproc_per_node=8 -m lmforge pretrain --data runs/data --out runs/pretrain   # DDP (or FSDP)
     lmforge distill --teacher runs/pretrain --data runs/data --out runs/student model.preset=tiny distill.loss=fkl
+    lmforge distill --teacher runs/sft --sequence --data chatterbot --out runs/student-chat init_from=runs/small
     lmforge sft --checkpoint runs/pretrain --data chats.jsonl arithmetic:digits=2 --out runs/sft train.max_steps=300
 """
 from __future__ import annotations
@@ -42,29 +43,53 @@ def cmd_pretrain(args) -> int:
 def distill_arguments(p) -> None:
     p.add_argument("--teacher", required=True, metavar="RUN", help="the teacher: a checkpoint or run directory "
                    "(or a Hugging Face model directory)")
-    p.add_argument("--recipe", default=None, help="YAML recipe (keys of DistillConfig)")
-    p.add_argument("--data", default=None, metavar="DIR", help="token shards made with the teacher's tokenizer")
+    p.add_argument("--data", nargs="+", default=None, metavar="SRC",
+                   help="token shards made with the teacher's tokenizer (logit distillation); with --sequence, "
+                        "conversation sources: JSONL files and/or built-ins (chatterbot, arithmetic:digits=N, ...)")
     p.add_argument("--out", default=None, metavar="DIR", help="run directory of the student (train.out_dir)")
+    p.add_argument("--sequence", action="store_true",
+                   help="sequence-level distillation: the teacher answers the prompts of --data and the student is "
+                        "fine-tuned on its replies (same as sequence=true)")
+    p.add_argument("--recipe", default=None, help="YAML recipe (keys of DistillConfig)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same as train.resume=true)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="e.g. model.preset=tiny distill.loss=fkl|rkl|jsd distill.temperature=2 distill.alpha=0.5 "
-                        "distill.beta=0.5 train.max_steps=300")
+                        "distill.beta=0.5 train.max_steps=300; with --sequence: generate.prompts=500 "
+                        "generate.max_new_tokens=128 sft={val_fraction: 0.1}")
 
 
 def cmd_distill(args) -> int:
+    import re
+
     import lmforge
     from lmforge.config import load_config
     from lmforge.stages.distill import DistillConfig, run_distill
 
-    over = list(args.overrides)
-    for flag, key in ((args.teacher, "teacher"), (args.data, "data"), (args.out, "train.out_dir")):
-        if flag:
-            over.insert(0, f"{key}={flag}")
+    data = list(args.data or [])      # --data takes the KEY=VALUE words after it too (see cmd_sft)
+    over = [d for d in data if re.match(_OVERRIDE, d)] + list(args.overrides)
+    data = [d for d in data if not re.match(_OVERRIDE, d)]
+    if args.out:
+        over.insert(0, f"train.out_dir={args.out}")
+    if args.sequence:
+        over.append("sequence=true")
     if args.resume:
         over.append("train.resume=true")
     dcfg = load_config(DistillConfig, args.recipe, over)
+    dcfg.teacher = args.teacher
+    dcfg.data = data or dcfg.data
     teacher, tok = lmforge.load(dcfg.teacher, device="cpu")   # the trainer moves it with the student
     s = run_distill(dcfg, teacher, tok)
+    if dcfg.sequence:
+        r = s.get("teacher_replies")
+        print(f"distill (sequence): {r['kept']} of {r['prompts']} teacher replies kept; " if r else
+              "distill (sequence): resumed on the teacher's replies; ", end="")
+        print(f"sft {s['step']} steps on {s['train_conversations']:,} conversations, {s['tokens']:,} tokens in "
+              f"{s['train_time']:.1f}s; student {s['params']['total']:,} parameters, val loss "
+              f"{s.get('val_loss', float('nan')):.4f}; teacher {s['teacher_params']['total']:,} parameters; "
+              f"data {s['teacher_data']}; checkpoint {s['checkpoint']}")
+        for q, a in s.get("answers", []):
+            print(f"  {q!r} -> {a!r}")
+        return 0
     print(f"distill: {s['step']} steps, {s['tokens']:,} tokens in {s['train_time']:.1f}s "
           f"({s['tokens'] / max(s['train_time'], 1e-9):,.0f} tok/s, {s['precision']}); student "
           f"{s['params']['total']:,} parameters, val bpb {s.get('val_bpb', float('nan')):.4f}; teacher "
@@ -126,7 +151,8 @@ def cmd_sft(args) -> int:
 VERBS = [
     Verb(("pretrain",), "pretrain a Transformer on token shards (torchrun-aware: DDP/FSDP)", pretrain_arguments,
          cmd_pretrain),
-    Verb(("distill",), "train a small student on a teacher's next-token distributions (logit distillation)",
+    Verb(("distill",), "train a small student from a teacher: its next-token distributions, or its replies "
+                       "(--sequence)",
          distill_arguments, cmd_distill),
     Verb(("sft",), "supervised fine-tuning for chat on conversations (loss on the assistant's tokens only)",
          sft_arguments, cmd_sft),

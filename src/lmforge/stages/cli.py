@@ -139,10 +139,11 @@ def cmd_sft(args) -> int:
     cfg.data = data or cfg.data
     model, tok = lmforge.load(cfg.checkpoint, device="cpu")   # the trainer moves it to the device
     s = run_sft(cfg, model, tok, base=cfg.checkpoint)
+    val = f"val loss {s['val_loss']:.4f}" if "val_loss" in s else "no held-out data"
     print(f"sft: {s['step']} steps on {s['train_conversations']:,} conversations ({s['val_conversations']:,} held "
           f"out), {s['tokens']:,} tokens in {s['train_time']:.1f}s ({s['tokens'] / max(s['train_time'], 1e-9):,.0f} "
           f"tok/s, {s['precision']}); {100 * s['assistant_fraction']:.0f}% of tokens trained (assistant); "
-          f"val loss {s.get('val_loss', float('nan')):.4f}; checkpoint {s['checkpoint']}")
+          f"{val}; checkpoint {s['checkpoint']}")
     for q, a in s.get("answers", []):
         print(f"  {q!r} -> {a!r}")
     return 0

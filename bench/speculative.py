@@ -1,6 +1,6 @@
 """Speculative decoding: tokens/s with and without it, and the acceptance rate, on models trained on the KJV.
 
-    python bench/speculative.py                       # trains a tokenizer, a target and a draft first (~10 min)
+    python bench/speculative.py                       # trains a tokenizer, a target and a draft first (~10 min on 2 cores)
     python bench/speculative.py --out runs/specbench  # keep them; later runs: --checkpoint/--draft-checkpoint
 
 Without --checkpoint it trains a BPE tokenizer (vocab 8192) on the KJV and a target of the ≈125 M decode-bench body
@@ -57,9 +57,9 @@ def train_model(name: str, tok, ids: np.ndarray, steps: int, size: dict, out: Pa
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tok.vocab_size, **size)
-    seq = min(cfg.max_seq_len, 256)
+    seq = min(cfg.max_seq_len, 64)      # short rows: a ≈125 M-body model takes seconds per step on a CPU
     split = int(len(ids) * 0.98)
-    task = PretrainTask(ids[:split], ids[split:], seq_len=seq, batch_size=8, bos_id=tok.bos_id,
+    task = PretrainTask(ids[:split], ids[split:], seq_len=seq, batch_size=4, bos_id=tok.bos_id,
                         token_bytes=token_byte_lengths(tok), eval_tokens=8192)
     tcfg = TrainConfig(out_dir=str(out / name), max_steps=steps, optimizer="muon", lr=3e-3,
                        warmup_steps=10, log_every=20, threads=threads)
@@ -90,8 +90,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", help="target checkpoint (default: train one)")
     ap.add_argument("--draft-checkpoint", help="draft checkpoint (default: train one; --draft-steps 0: none)")
     ap.add_argument("--out", help="keep the trained checkpoints here (default: a temporary directory)")
-    ap.add_argument("--train-steps", type=int, default=150)
-    ap.add_argument("--draft-steps", type=int, default=400)
+    ap.add_argument("--train-steps", type=int, default=100)
+    ap.add_argument("--draft-steps", type=int, default=300)
     ap.add_argument("--lookahead", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)

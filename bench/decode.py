@@ -10,7 +10,8 @@ Timed: whole generate calls, median of --repeats after a warm-up, the two sides 
 hits both; the ratio is the median of the per-repeat ratios. TTFT = time of a 1-token generate (prefill + first
 token). Batch rows all have 32-token prompts. --no-fast times lmforge without its decode fast path
 (lmforge.infer.fastpath), i.e. the model's forward per step; --no-native the PyTorch fast path instead of the C++
-step (lmforge.infer.native).
+step (lmforge.infer.native). Each row is followed by a per-step breakdown: the engine's decode time per step, the
+native step within it, and the matmuls within that (timed alone with the same kernels).
 """
 from __future__ import annotations
 
@@ -70,6 +71,49 @@ def timed(fns, repeats: int):
     return list(zip(times, outs))
 
 
+def breakdown(model, B: int, reps: int = 20) -> tuple[float, float] | None:
+    """(native step ms, of which matmuls ms) for B rows at position PROMPT_LEN + NEW_TOKENS / 2, or None when the
+    C++ step does not run. The matmuls are timed alone on the same weight shapes and the same kernels the step uses
+    (MKL for one row, the packed-panel kernel for several)."""
+    from lmforge.infer import native
+    from lmforge.infer.fastpath import FastDecoder
+    ext = native.load()
+    if ext is None:
+        return None
+
+    def median_ms(fn):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts) * 1e3
+
+    with torch.inference_mode():
+        dec = FastDecoder(model)
+        pos = PROMPT_LEN + NEW_TOKENS // 2
+        cache = model.new_kv_cache(B, pos + 1)
+        toks = torch.zeros(B, 1, dtype=torch.long)
+
+        def step():
+            cache.pos = pos
+            dec.step(toks, cache)
+        mats = [w for lay in dec.layers for w in (lay[1], lay[2], lay[4], lay[5])] + [dec.head]
+        xs = [torch.randn(B, w.size(0)) for w in mats]
+        if B == 1:
+            def mm():
+                for x, w in zip(xs, mats):
+                    torch.mm(x, w)
+        else:
+            packed = [ext.pack_panels(w) for w in mats]
+
+            def mm():
+                for x, w, pk in zip(xs, mats, packed):
+                    ext.packed_mm(x, pk, w.size(1))
+        return median_ms(step), median_ms(mm)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
@@ -119,6 +163,14 @@ def main():
             ttft_hf, ttft_us = statistics.median(tt_hf), statistics.median(tt_us)
             rows.append((size, n_params, B, B * NEW_TOKENS / t_hf, B * NEW_TOKENS / t_us, ttft_hf, ttft_us, same,
                          statistics.median(ratios), ratios[0], ratios[-1]))
+            # per decode step: the engine's wall time per step (decode only: TTFT taken out), the native step in it,
+            # and the matmuls in that
+            per_step = (t_us - ttft_us) / (NEW_TOKENS - 1) * 1e3
+            bd = None if args.no_fast else breakdown(ours, B)
+            if bd is not None:
+                print(f"  per step {per_step:.2f} ms = native step {bd[0]:.2f} ms (matmuls {bd[1]:.2f}, attention/"
+                      f"norms/RoPE/SiLU {bd[0] - bd[1]:.2f}) + sampling and bookkeeping {per_step - bd[0]:.2f}",
+                      flush=True)
             r = rows[-1]
             print(f"{size} ({n_params / 1e6:.1f}M) batch {B:>2}: transformers {r[3]:8.1f} tok/s, lmforge {r[4]:8.1f} "
                   f"tok/s  ({r[8]:.2f}x, range {r[9]:.2f}-{r[10]:.2f}); TTFT {ttft_hf * 1e3:.1f} vs "

@@ -2,7 +2,8 @@
 
 usage: python tests/train_driver.py OUT_DIR [KEY=VALUE ...]
        KEY=VALUE: a TrainConfig field, model.FIELD (a ModelConfig field, e.g. model.dropout=0.1), or mfu=true
-       (pass flops_per_token, so the trainer measures peak FLOP/s as a real pretraining run does)
+       (pass flops_per_token, so the trainer measures peak FLOP/s as a real pretraining run does), or
+       base=CHECKPOINT (start from its weights: a LoRA run, lora.rank=R, needs a base to refer to)
        LMFORGE_TEST_KILL_AT=K  -> the process SIGKILLs itself while building step K's batch
 """
 import os
@@ -13,6 +14,7 @@ import sys
 import numpy as np
 import torch
 
+from lmforge import checkpoint as ckpt
 from lmforge.config import build, parse_overrides
 from lmforge.data.synthetic import BOS, VOCAB, successor_stream
 from lmforge.model.config import get_preset
@@ -52,12 +54,14 @@ def main():
     values = {"out_dir": out, "max_steps": 30, "batch_size": 4, "lr": 3e-3, "warmup_steps": 5,
               "precision": "fp32", "progress": False, "log_every": 1, "threads": 1, "seed": 0}
     values.update(parse_overrides(overrides))
-    model_overrides, mfu = values.pop("model", {}), values.pop("mfu", False)
+    model_overrides, mfu, base = values.pop("model", {}), values.pop("mfu", False), values.pop("base", None)
     cfg = build(TrainConfig, values)
     torch.manual_seed(cfg.seed)
     mcfg = get_preset("tiny", **{"vocab_size": VOCAB, "n_layer": 2, "d_model": 64, "n_head": 4, "n_kv_heads": 2,
                                  "max_seq_len": 32, **model_overrides})
     model = Transformer(mcfg)
+    if base:
+        ckpt.load(base, model)
     train_tokens, val_tokens = successor_stream(200, 1), successor_stream(20, 2)
     token_bytes = np.ones(VOCAB, dtype=np.int64)
     token_bytes[BOS] = 0

@@ -231,32 +231,42 @@ def test_end_to_end_overfits_a_toy_set_into_a_chat_checkpoint(base, tmp_path, ca
 
 
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                   "{{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+                   "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 
 
-def save_hf_llama(directory) -> str:
-    """A tiny Hugging Face Llama with a byte-level Llama-3-style tokenizer (no merges: quick to build) and the
-    Llama 3 chat template, saved with transformers."""
-    transformers = pytest.importorskip("transformers")
+def save_hf_llama(tmp_path):
+    """A tiny Hugging Face Llama directory: a byte-level Llama-3-style tokenizer.json (written by `tokenizers`, no
+    merges: quick to build) with the Llama 3 chat template, and a LlamaForCausalLM config + weights written by our
+    HF export (which tests/test_interop_hf.py checks transformers loads). Importing transformers' model code would
+    cost more than this whole test."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
-    from test_interop_hf import LLAMA3_TEMPLATE, hf_model
+    from lmforge.interop.hf import export_hf
+    from lmforge.interop.hf_tokenizer import read_hf_tokenizer
+    src = tmp_path / "tokenizer-src"
+    src.mkdir()
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     t = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
     t.add_special_tokens(LLAMA3_SPECIALS)
-    transformers.PreTrainedTokenizerFast(tokenizer_object=t, chat_template=LLAMA3_TEMPLATE,
-                                         bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"
-                                         ).save_pretrained(str(directory))
-    hf_model("llama", t.get_vocab_size()).save_pretrained(str(directory))
-    return LLAMA3_TEMPLATE
+    t.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                                                           "chat_template": LLAMA3_TEMPLATE}))
+    tok = read_hf_tokenizer(src)
+    model = tiny_model(tok, max_seq_len=128, tie_embeddings=False)
+    checkpoint.save(tmp_path / "ck", model=model, model_config=model.config.to_dict(), tokenizer=tok)
+    hf = export_hf(tmp_path / "ck", tmp_path / "hf", progress=False)
+    assert json.loads((hf / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    return hf
 
 
-def test_imported_hf_llama_fine_tunes_in_its_own_template(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    template = save_hf_llama(tmp_path / "hf")
+def test_imported_hf_llama_fine_tunes_in_its_own_template(tmp_path, capsys):
+    hf = save_hf_llama(tmp_path)
     out = tmp_path / "run"
-    rc = main(["sft", "--checkpoint", str(tmp_path / "hf"), "--data", str(write_jsonl(tmp_path / "toy.jsonl", TOY)),
+    rc = main(["sft", "--checkpoint", str(hf), "--data", str(write_jsonl(tmp_path / "toy.jsonl", TOY)),
                "--out", str(out), "train.max_steps=30", "train.lr=1e-2", "sample_n=1", "sample_tokens=8", *FAST])
     assert rc == 0, capsys.readouterr().err
     config = checkpoint.read_config(out)
@@ -264,7 +274,7 @@ def test_imported_hf_llama_fine_tunes_in_its_own_template(tmp_path, capsys, monk
     losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert losses[-1] < 0.5 * losses[0]
     model, tok = lmforge.load(out, device="cpu")
-    assert tok.chat_template == template                 # the model keeps its own template
+    assert tok.chat_template == LLAMA3_TEMPLATE          # the model keeps its own template
     ids, mask = render_chat(tok, TOY[2]["messages"])
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == "meow<|eot_id|>woof<|eot_id|>"
 

@@ -6,6 +6,12 @@ systems (nanoGPT's checkpoint is re-scored here over the full split with its own
 loss is a 20-batch estimate).
 
     python bench/time_to_quality.py --nanogpt /path/to/nanoGPT     # a clone of github.com/karpathy/nanoGPT
+
+Equal training time: lmforge trains for --seconds; then nanoGPT, at each shape of --nanogpt-shapes (its README CPU
+recipe 4 layers x 128 wide, and 6 x 256), first runs a short calibration to measure its iteration rate on this
+machine, then trains with max_iters (= lr_decay_iters) sized so its training (from its first iteration to its exit,
+its periodic evals and saves included) takes lmforge's training time; a run off by more than 5% is redone once
+with corrected iterations. Both wall times are printed next to the bits/byte.
     python bench/time_to_quality.py --skip-peer                    # ours only
 
 Tokenizer training and data preparation are timed and reported separately from training.
@@ -17,6 +23,8 @@ import json
 import math
 import os
 import pickle
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,10 +35,14 @@ import numpy as np
 import torch
 
 THREADS = 2
-NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
-                "--log_interval=50", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
-                "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0",
+# nanoGPT's CPU recipe from its README (char-level, block 64, batch 12), at two model sizes; max_iters (and
+# lr_decay_iters) are sized from the measured iteration rate so its training takes the same wall time as ours
+NANOGPT_BASE = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
+                "--log_interval=10", "--block_size=64", "--batch_size=12", "--dropout=0.0",
                 "--always_save_checkpoint=True"]
+NANOGPT_SHAPES = {"4x128": ["--n_layer=4", "--n_head=4", "--n_embd=128"],
+                  "6x256": ["--n_layer=6", "--n_head=8", "--n_embd=256"]}
+CALIBRATION_ITERS = 60
 
 
 def kjv_split():
@@ -41,7 +53,30 @@ def kjv_split():
 
 
 # ---------------------------------------------------------------------------------------------- nanoGPT
-def run_nanogpt(repo: Path, train_text: str, val_text: str, work: Path) -> dict:
+def _nanogpt_train(repo: Path, shape: str, iters: int, out_dir: Path) -> tuple[float, list[float]]:
+    """Run nanoGPT's train.py for `iters` iterations: (training wall time from its first iteration to its exit,
+    per-iteration times it logged in seconds)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+    cmd = [sys.executable, "train.py", *NANOGPT_BASE, *NANOGPT_SHAPES[shape], f"--max_iters={iters}",
+           f"--lr_decay_iters={iters}", "--dataset=lmforge_kjv_char", f"--out_dir={out_dir}"]
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t_first, dts, log = None, [], []
+    for line in proc.stdout:
+        log.append(line)
+        m = re.match(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", line)
+        if m:
+            if t_first is None:
+                t_first = time.perf_counter()
+            elif int(m.group(1)) > 0:
+                dts.append(float(m.group(2)) / 1e3)
+    proc.wait()
+    end = time.perf_counter()
+    if proc.returncode != 0 or t_first is None:
+        raise SystemExit("nanoGPT failed:\n" + "".join(log[-40:]))
+    return end - t_first, dts
+
+
+def run_nanogpt(repo: Path, train_text: str, val_text: str, work: Path, shape: str, budget: float) -> dict:
     chars = sorted(set(train_text + val_text))
     stoi = {c: i for i, c in enumerate(chars)}
     data = repo / "data" / "lmforge_kjv_char"
@@ -50,14 +85,16 @@ def run_nanogpt(repo: Path, train_text: str, val_text: str, work: Path) -> dict:
     np.array([stoi[c] for c in val_text], dtype=np.uint16).tofile(data / "val.bin")
     with open(data / "meta.pkl", "wb") as f:  # nanoGPT's own format for char datasets
         pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
-    out_dir = work / "nanogpt-out"
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
-    cmd = [sys.executable, "train.py", *NANOGPT_ARGS, "--dataset=lmforge_kjv_char", f"--out_dir={out_dir}"]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"nanoGPT failed:\n{r.stderr[-3000:]}")
+    # calibrate: its iteration rate on this machine now, then enough iterations to fill the budget (its periodic
+    # evaluations and checkpoint saves count as training time, as they run inside its loop)
+    cal_wall, dts = _nanogpt_train(repo, shape, CALIBRATION_ITERS, work / f"nanogpt-cal-{shape}")
+    per_iter = statistics.median(dts)
+    iters = max(1, int(budget / per_iter))
+    out_dir = work / f"nanogpt-{shape}"
+    wall, _ = _nanogpt_train(repo, shape, iters, out_dir)
+    if abs(wall / budget - 1) > 0.05:                  # evals and saves cost more than guessed: one correction
+        iters = max(1, int(iters * budget / wall))
+        wall, _ = _nanogpt_train(repo, shape, iters, out_dir)
     # re-score its checkpoint over the whole val split with its own model code
     sys.path.insert(0, str(repo))
     from model import GPT, GPTConfig  # nanoGPT's model.py
@@ -84,8 +121,8 @@ def run_nanogpt(repo: Path, train_text: str, val_text: str, work: Path) -> dict:
                                                      ignore_index=-1, reduction="sum").item()
     # the first val char has no context inside the split; score it with the uniform prior to cover every byte
     nll += math.log(len(chars))
-    return {"name": "nanoGPT (char, README CPU recipe)", "train_wall": wall, "prep": 0.0,
-            "val_bpb": nll / math.log(2) / len(val_text.encode()), "iters": 2000}
+    return {"name": f"nanoGPT {shape} (char, README CPU recipe)", "train_wall": wall, "prep": 0.0,
+            "val_bpb": nll / math.log(2) / len(val_text.encode()), "iters": iters}
 
 
 # ---------------------------------------------------------------------------------------------- lmforge
@@ -134,6 +171,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nanogpt", default=os.environ.get("NANOGPT_DIR"), help="path to a nanoGPT clone")
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--nanogpt-shapes", nargs="+", default=list(NANOGPT_SHAPES), choices=list(NANOGPT_SHAPES))
     ap.add_argument("--seconds", type=float, default=175.0, help="our training budget (wall-clock, s)")
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--preset", default="cpu-small")
@@ -161,7 +199,9 @@ def main():
         work = Path(tmp)
         rows.append(run_lmforge(train_text, val_text, work, args))
         if not args.skip_peer:
-            rows.append(run_nanogpt(Path(args.nanogpt), train_text, val_text, work))
+            budget = rows[0]["train_wall"]             # the peer gets exactly the training time we took
+            for shape in args.nanogpt_shapes:
+                rows.append(run_nanogpt(Path(args.nanogpt), train_text, val_text, work, shape, budget))
     print(f"\nKJV: train {len(train_text.encode()):,} bytes, val {len(val_text.encode()):,} bytes; {THREADS} threads")
     print(f"{'system':48s} {'prep s':>7s} {'train s':>8s} {'steps':>6s} {'val bits/byte':>14s}")
     for r in rows:
@@ -169,8 +209,12 @@ def main():
     ours = rows[0]
     print(f"goal ≤ 1.9 bits/byte in ≤ 180 s of training: {'MET' if ours['val_bpb'] <= 1.9 and ours['train_wall'] <= 180 else 'NOT met'}")
     if len(rows) > 1:
-        print(f"ratio nanoGPT bpb / lmforge bpb = {rows[1]['val_bpb'] / ours['val_bpb']:.2f}x "
-              f"(train time ratio {rows[1]['train_wall'] / ours['train_wall']:.2f}x)")
+        best = min(rows[1:], key=lambda r: r["val_bpb"])
+        within = all(abs(r["train_wall"] / ours["train_wall"] - 1) <= 0.05 for r in rows[1:])
+        ratio = ours["val_bpb"] / best["val_bpb"]
+        print(f"equal training time: {'yes' if within else 'NO'} (every peer run within ±5% of ours)")
+        print(f"lmforge bpb / best nanoGPT bpb ({best['name']}) = {ratio:.3f} (goal ≤ 0.75: "
+              f"{'MET' if ratio <= 0.75 and within else 'NOT met'})")
 
 
 if __name__ == "__main__":

@@ -277,6 +277,24 @@ def test_peft_loads_our_adapter_on_our_hf_export(fx, tmp_path, monkeypatch):
     assert (theirs - hf_base).abs().max() > 1e-2          # PEFT really applied the adapters
 
 
+def test_a_lora_run_on_an_imported_hugging_face_model(fx, tmp_path, monkeypatch):
+    """The base may be a Hugging Face directory (lmforge.load converts it): the run refers to that directory and
+    comes back through lmforge.load; checkpoint.load, which reads only lmforge checkpoints, says so."""
+    pytest.importorskip("transformers")
+    from lmforge.interop.hf import export_hf
+    hf_dir = export_hf(fx["dir"] / "base", tmp_path / "base-hf", progress=False)
+    _train_lora(hf_dir, tmp_path / "run", fx["tok"], fx["ids"], targets=["q_proj", "v_proj"])
+    assert ckpt.read_config(tmp_path / "run")["lora"]["base"]["path"] == str(hf_dir.resolve())
+    model, _ = lmforge.load(tmp_path / "run", device="cpu")
+    assert len(lora_modules(model)) == 4
+    base, _ = lmforge.load(fx["dir"] / "base", device="cpu")
+    apply_lora(base, 4, 8.0, targets="q_proj,v_proj")
+    ckpt.load_adapters(tmp_path / "run", base)        # the same adapters on the lmforge copy of the same weights
+    assert torch.equal(_logits(base, fx["probe"]), _logits(model, fx["probe"]))
+    with pytest.raises(CheckpointError, match="not an lmforge checkpoint"):
+        ckpt.load(tmp_path / "run", Transformer(model.config))
+
+
 # ---- exact resume -----------------------------------------------------------------------------------------------
 def test_kill_and_resume_of_a_lora_run_is_bitwise_identical(tmp_path):
     """The kill/resume test of tests/test_trainer.py with LoRA adapters (dropout on their input: RNG included)."""

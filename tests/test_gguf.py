@@ -282,3 +282,14 @@ def test_export_refuses_unknown_split_regex_and_cli_writes(tmp_path, capsys):
     with pytest.raises(ConfigError, match="pre-tokenizer.*llama-bpe"):
         export_gguf(ckpt, tmp_path / "m.gguf", progress=False)
     assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "m.gguf.tmp").exists()
+
+
+def test_a_model_trained_here_exports_lmforge_chat_template(tmp_path):
+    """No template of its own + lmforge's chat tokens: the GGUF carries our template as Jinja (the one the HF
+    export writes, which transformers renders to our ids)."""
+    from lmforge.tokenizer.chat import LMFORGE_CHAT_TEMPLATE
+    ckpt, model, tok, cfg = make_checkpoint(tmp_path)
+    tok.chat_template = None
+    tok.save(ckpt / "tokenizer")
+    r = gguf.GGUFReader(str(export_gguf(ckpt, tmp_path / "m.gguf", "f32", progress=False)))
+    assert field(r, "tokenizer.chat_template") == LMFORGE_CHAT_TEMPLATE

@@ -28,6 +28,7 @@ from lmforge.interop.hf import QWEN2_PATTERN, SafetensorsDir, check_weights
 from lmforge.io import write_error
 from lmforge.model.config import ModelConfig
 from lmforge.tokenizer.bpe import GPT2_PATTERN, GPT4_PATTERN
+from lmforge.tokenizer.chat import LMFORGE_CHAT_TEMPLATE, uses_lmforge_template
 
 QK = 32  # values per quantization block (Q8_0 and Q4_0)
 TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -188,8 +189,10 @@ def _vocab_metadata(writer, tok, n_vocab: int) -> None:
             add(tok.special_tokens[name])
     writer.add_add_bos_token(tok.role_token("bos") is not None)  # our documents start with BOS (Llama 3's too)
     writer.add_add_eos_token(False)
-    if tok.chat_template:
-        writer.add_chat_template(tok.chat_template)
+    # a model trained here renders with lmforge's own template: written out as the Jinja the HF export writes
+    template = tok.chat_template or (LMFORGE_CHAT_TEMPLATE if uses_lmforge_template(tok) else None)
+    if template:
+        writer.add_chat_template(template)
 
 
 def export_gguf(checkpoint: str | Path, out: str | Path, qtype: str = "f16", *, progress: bool = True) -> Path:

@@ -64,10 +64,10 @@ class Tool:
             try:
                 arguments = json.loads(arguments)
             except json.JSONDecodeError as e:
-                raise ToolError(f"{self.name}: arguments are not valid JSON: {e.msg}", field="arguments") from None
+                raise ToolError(f"{self.name}: the arguments are not valid JSON: {e.msg}") from None
         problem = schema_problem(self.parameters, arguments)
         if problem:
-            raise ToolError(f"{self.name}: {problem}", field="arguments")
+            raise ToolError(f"{self.name}: {problem}")
         out = self.function(**arguments)
         return out if isinstance(out, str) else json.dumps(out, ensure_ascii=False, default=str)
 
@@ -131,7 +131,7 @@ def schema_problem(schema: dict, value, where: str = "arguments") -> str | None:
         props = schema.get("properties", {})
         for key in schema.get("required", []):
             if key not in value:
-                return f"{where} lack the required '{key}'"
+                return f"the required argument '{key}' is missing"
         for key, item in value.items():
             if key in props:
                 if (p := schema_problem(props[key], item, f"'{key}'")):
@@ -165,7 +165,7 @@ _BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv
 
 
 def _refuse(why: str):
-    raise ToolError(f"calculator: {why}", field="expression")
+    raise ToolError(f"calculator: {why}")
 
 
 def _digits(x) -> float:
@@ -353,7 +353,7 @@ def lookup(query: str) -> str:
     """The best passages of the Python language reference for `query`, each headed by its topic."""
     global _index
     if not isinstance(query, str) or not _WORD.search(query.lower()):
-        raise ToolError("lookup: the query has no words to search for", field="query")
+        raise ToolError("lookup: the query has no words to search for")
     if _index is None:
         from lmforge.data.corpus import python_docs
         _index = _Index([p for doc in python_docs() for p in _passages(doc)])

@@ -62,6 +62,7 @@ class SFTConfig:
     seq_len: int | None = None           # longest conversation in tokens (default: the model's context)
     truncate: bool = False               # cut longer conversations to seq_len instead of refusing them
     source_n: int = 5000                 # training conversations drawn from each built-in source
+    source_counts: dict[str, int] = field(default_factory=dict)   # per-source source_n, by the name in data
     val_fraction: float = 0.05           # share of each file's rows held out (by a hash of the row)
     val_n: int = 200                     # held-out conversations per built-in source (its eval split)
     max_val: int = 400                   # at most this many held-out conversations are scored
@@ -81,6 +82,9 @@ class SFTConfig:
         for name in ("val_n", "max_val", "sample_n"):
             if getattr(self, name) < 0:
                 raise ConfigError("must be ≥ 0", field=name)
+        for src, n in self.source_counts.items():
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ConfigError(f"{src}: must be an integer ≥ 1, got {n!r}", field="source_counts")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,14 +102,21 @@ class ChatRows:
 
 
 def load_conversations(sources: list[str], *, source_n: int, val_fraction: float, val_n: int,
-                       seed: int) -> tuple[list[Conversation], list[Conversation]]:
+                       seed: int, source_counts: dict[str, int] | None = None
+                       ) -> tuple[list[Conversation], list[Conversation]]:
     """(train, held-out) conversations of every source: files split by a hash of each row, built-in sources by
-    their own train / eval splits."""
+    their own train / eval splits. source_counts: training conversations of some built-in sources (by the name
+    as given in `sources`), instead of source_n (a mix: many short problems, fewer long tool demonstrations)."""
     from lmforge.data import tasks
 
     if not sources:
         raise ConfigError("no data given (--data FILE.jsonl or a built-in source: "
                           f"{', '.join(tasks.NAMES)})", field="data")
+    source_counts = dict(source_counts or {})
+    for src in source_counts:
+        if src not in sources or not tasks.is_builtin(src) or Path(src).exists():
+            raise ConfigError(f"{src!r} is not one of the built-in sources in data ({', '.join(sources)})",
+                              field="source_counts")
     train_convs, val_convs = [], []
     for src in sources:
         is_file = Path(src).exists() or not tasks.is_builtin(src)
@@ -116,7 +127,7 @@ def load_conversations(sources: list[str], *, source_n: int, val_fraction: float
             for conv in read_conversations(src):
                 (val_convs if _held_out(conv, val_fraction) else train_convs).append(conv)
             continue
-        for split, n, out in (("train", source_n, train_convs), ("eval", val_n, val_convs)):
+        for split, n, out in (("train", source_counts.get(src, source_n), train_convs), ("eval", val_n, val_convs)):
             if n == 0:
                 continue
             for i, row in enumerate(tasks.conversations(src, split=split, n=n, seed=seed)):
@@ -285,7 +296,7 @@ def run_sft(cfg: SFTConfig, model, tok, base: str | None = None) -> dict:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
     render_chat(tok, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}])  # has a template
     train_convs, val_convs = load_conversations(cfg.data, source_n=cfg.source_n, val_fraction=cfg.val_fraction,
-                                                val_n=cfg.val_n, seed=tcfg.seed)
+                                                val_n=cfg.val_n, seed=tcfg.seed, source_counts=cfg.source_counts)
     main = int(os.environ.get("RANK", 0)) == 0
     show = tcfg.progress and main
     train_rows = render_rows(tok, train_convs, seq_len, truncate=cfg.truncate, progress=show, desc="render train")

@@ -20,7 +20,8 @@ An answer ends at the end-of-turn token or at any other chat marker (the text af
 at EOS, or at the budget. A family whose demonstrations call tools (`arithmetic:...,tools=true`) is answered
 through the tool loop (lmforge.infer.assistant.run_chat_turn: calls decoded under the tool's schema, results fed
 back) one problem at a time; its answer is the final assistant message, "ended" means that message was not cut
-by the budget, and its length counts every token the assistant wrote (replies, calls, end tokens).
+by the budget, and its length counts every token the assistant wrote (replies, calls, end tokens); each greedy
+row also lists its calls (name, arguments, the tool's result).
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def evaluate_task(model, tok, family, n: int = 200, seed: int = 0, *, k: int = 0
         row = {"prompt": p.prompt, "answer": p.answer, "response": g["text"], "score": score,
                "correct": score >= 1.0, "ended": g["ended"], "tokens": g["tokens"]}
         if "tool_calls" in g:
-            row["tool_calls"] = g["tool_calls"]
+            row["tool_calls"], row["calls"] = g["tool_calls"], g["calls"]   # calls: {name, arguments, result}
         if k:
             outs = s_out[i]
             c = sum(float(family.score(p, o["text"])) >= 1.0 for o in outs)
@@ -169,9 +170,11 @@ def _answer_with_tools(model, tok, family, problems, greedy, sampled, eot, batch
         # tokens the assistant wrote (its replies, calls and end tokens): the loss mask counts exactly those
         _, mask = render_chat(tok, list(p.messages) + new, family.tools)
         _, before = render_chat(tok, list(p.messages), family.tools)
+        results = {m.get("tool_call_id"): m.get("content") for m in new if m.get("role") == "tool"}
+        calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"],
+                  "result": results.get(c.get("id"))} for m in new for c in m.get("tool_calls") or []]
         return {"text": new[-1].get("content") or "", "tokens": sum(mask) - sum(before),
-                "ended": bool(finish) and finish[-1] == "stop", "tool_calls": sum(
-                    len(m.get("tool_calls") or []) for m in new)}
+                "ended": bool(finish) and finish[-1] == "stop", "tool_calls": len(calls), "calls": calls}
 
     g_out, s_out = [], []
     with tqdm(total=total, disable=not progress, unit="answer", desc=f"eval {family.name}", leave=False) as bar:

@@ -322,26 +322,32 @@ def chat_arguments(p) -> None:
                    help="send this one message, print the answer and exit (no interactive session)")
     p.add_argument("--max-tool-rounds", type=nonneg_int, default=4, metavar="N",
                    help="most rounds of tool calls in one answer (default 4)")
+    p.add_argument("--tool-choice", default="auto", choices=["auto", "required", "none"],
+                   help="auto: the model decides (default); required: every answer starts with tool calls; none")
     add_sampling_options(p)
     add_device_option(p)
     p.add_argument("--precision", default="fp32", help="fp32 (default) | bf16 | fp16 | auto (autocast)")
 
 
 def cmd_chat(args) -> int:
+    from lmforge.infer.tools import get_tools
+
+    _clean_text_args(args, "system", "message", "stop")
+    tools = get_tools(args.tools) if args.tools is not None else []   # checked before anything heavy is loaded
+    if args.tool_choice == "required" and not tools:
+        raise ConfigError("--tool-choice required needs --tools", field="tool_choice")
+
     import lmforge
     from lmforge import checkpoint
     from lmforge.infer.chat_session import COMMANDS, ChatSession, interactive, printer
     from lmforge.infer.engine import Engine
-    from lmforge.infer.tools import get_tools
     from lmforge.interop.hf import is_hf_dir
 
-    _clean_text_args(args, "system", "message", "stop")
-    tools = get_tools(args.tools) if args.tools is not None else []   # before the model is loaded
     path = args.checkpoint if is_hf_dir(args.checkpoint) else checkpoint.resolve(args.checkpoint)
     params = sampling_params(args, path)
     model, tokenizer = lmforge.load(path, device=args.device)
     session = ChatSession(Engine(model, tokenizer, precision=args.precision), tokenizer, params, tools,
-                          system=args.system, max_tool_rounds=args.max_tool_rounds)
+                          system=args.system, max_tool_rounds=args.max_tool_rounds, tool_choice=args.tool_choice)
     if args.message is not None:   # one turn: the answer on stdout, tool calls and notes on stderr
         session.ask(args.message, printer(sys.stdout, sys.stderr))
         sys.stdout.write("\n")

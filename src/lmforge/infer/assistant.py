@@ -209,6 +209,8 @@ def run_chat_turn(engine_or_model, tok, messages: list[dict], tools=None, params
     after tool results are "auto", and the one after the last round "none"."""
     tools = as_tools(tools)
     check_tool_use(tok, tools)
+    if tool_choice not in TOOL_CHOICES:
+        raise ConfigError(f"{tool_choice!r} is not one of {', '.join(TOOL_CHOICES)}", field="tool_choice")
     if isinstance(max_tool_rounds, bool) or not isinstance(max_tool_rounds, int) or max_tool_rounds < 0:
         raise ConfigError(f"must be an integer >= 0, got {max_tool_rounds!r}", field="max_tool_rounds")
     if isinstance(engine_or_model, Engine):

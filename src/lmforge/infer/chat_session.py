@@ -36,13 +36,13 @@ class ChatSession:
     """A multi-turn conversation with one model: history, system message, tools, sampling."""
 
     def __init__(self, engine: Engine, tok, params: SamplingParams | None = None, tools=(),
-                 system: str | None = None, max_tool_rounds: int = 4):
+                 system: str | None = None, max_tool_rounds: int = 4, tool_choice: str = "auto"):
         self.engine, self.tok = engine, tok
         self.params = params or SamplingParams()
         self.tools = as_tools(tools)
         check_tool_use(tok, self.tools)
         self.system = system or None
-        self.max_tool_rounds = max_tool_rounds
+        self.max_tool_rounds, self.tool_choice = max_tool_rounds, tool_choice
         self.history: list[dict] = []
         self.context = engine.model.config.max_seq_len
         self._declared = [to_openai(t) for t in self.tools] or None
@@ -90,7 +90,8 @@ class ChatSession:
         if dropped and on_event is not None:
             on_event("dropped", dropped)
         new = run_chat_turn(self.engine, self.tok, self.messages([user]), self.tools, self.params,
-                            max_tool_rounds=self.max_tool_rounds, on_event=on_event, should_stop=should_stop)
+                            max_tool_rounds=self.max_tool_rounds, tool_choice=self.tool_choice, on_event=on_event,
+                            should_stop=should_stop)
         self.history += [user] + new
         return [user] + new
 
@@ -113,8 +114,8 @@ def printer(out=None, trace=None) -> OnEvent:
         elif kind == "dropped":
             t.write(f"[history: dropped the oldest {value} turn{'s' * (value > 1)} to fit the context]\n")
         elif kind == "finish" and value != "stop":
-            t.write({"length": "\n[cut: no room left for the reply]",
-                     "abort": "\n[stopped]"}.get(value, f"\n[{value}]"))
+            t.write({"length": "\n[cut: the reply reached its token limit]",
+                     "abort": "\n[stopped]"}.get(value, f"\n[{value}]") + ("\n" if t is not o else ""))
         t.flush()
     return on_event
 

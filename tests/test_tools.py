@@ -374,3 +374,25 @@ def test_run_tool_never_raises():
     assert run_tool({"calculator": CALCULATOR}, "calculator", {"expression": "9**9**9"}).startswith("error: ")
     long = tool(lambda: "x" * 5000, {"type": "object", "properties": {}}, name="long")
     assert len(run_tool({"long": long}, "long", {})) == 2000
+
+
+def test_a_template_of_its_own_ends_replies_at_its_end_of_turn_token(tiny, tmp_path):
+    """An imported model's template: the reply stops at that template's end-of-turn token (here <|pad|>, which
+    nothing else would stop at); tool calls need lmforge's format and are refused in one line."""
+    model, tok = tiny
+    tok.save(tmp_path / "tok")
+    own = Tokenizer.load(tmp_path / "tok")     # a copy, given a template of its own
+    own.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|pad|>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    pad = own.special_tokens["<|pad|>"]
+    prompt = render_chat(own, [{"role": "user", "content": "hi"}], add_generation_prompt=True)[0]
+    assert prompt[-1] == own.special_tokens["<|assistant|>"] and pad in prompt
+    engine = Engine(model, own)
+    r = generate_reply(engine, own, prompt, SamplingParams(temperature=0, max_tokens=20, logit_bias={pad: 100.0}))
+    assert (r.content, r.token_ids, r.finish_reason) == ("", [pad], "stop")
+    new = run_chat_turn(engine, own, [{"role": "user", "content": "hi"}],
+                        params=SamplingParams(seed=0, max_tokens=20))
+    assert len(new) == 1 and new[0]["role"] == "assistant"
+    with pytest.raises(Exception, match="lmforge's chat tokens"):
+        run_chat_turn(engine, own, [{"role": "user", "content": "hi"}], ["calculator"])
+

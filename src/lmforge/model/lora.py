@@ -93,9 +93,8 @@ class LoRALinear(nn.Module):
         lin.weight = nn.Parameter((w.detach().float() + self.delta()).to(w.dtype), requires_grad=w.requires_grad)
         if self.bias is not None:
             lin.bias = self.bias
-        for attr in ("is_residual_proj",):  # markers the model's own init reads
-            if hasattr(self, attr):
-                setattr(lin, attr, getattr(self, attr))
+        if hasattr(self, "is_residual_proj"):   # the marker the model's own init reads
+            lin.is_residual_proj = self.is_residual_proj
         return lin
 
     def extra_repr(self) -> str:

@@ -10,11 +10,17 @@ of another tokenizer, is a one-line error with nothing written.
 """
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
+import lmforge
+from lmforge import checkpoint
+from lmforge.cli import main
+from lmforge.model import ModelConfig, Transformer
+from lmforge.tokenizer.tokenizer import Tokenizer
 from lmforge.train.distill import distill_loss, token_divergence
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -164,14 +170,6 @@ def test_shapes_must_agree():
 
 
 # ---- the stage: `lmforge distill` ------------------------------------------------------------------------------
-import json  # noqa: E402
-import shutil  # noqa: E402
-
-import lmforge  # noqa: E402
-from lmforge import checkpoint  # noqa: E402
-from lmforge.cli import main  # noqa: E402
-from lmforge.model import ModelConfig, Transformer  # noqa: E402
-from lmforge.tokenizer.tokenizer import Tokenizer  # noqa: E402
 
 TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; and "
         "darkness was upon the face of the deep. def main(argv): return parse(argv) or 0\n")

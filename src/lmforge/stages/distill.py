@@ -1,4 +1,4 @@
-"""Distillation: a small student learns from a bigger teacher's next-token distributions.
+"""Distillation: a small student learns from a bigger teacher — its next-token distributions, or its replies.
 
 Logit distillation (`DistillTask`): on the same token windows pretraining uses (the shards and both batch modes of
 `PretrainTask`), the student's loss is

@@ -25,6 +25,13 @@ from lmforge.train.distill import distill_loss, token_divergence
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
+@pytest.fixture(autouse=True)
+def no_native_build(monkeypatch):
+    """Generation here runs on the PyTorch decode step (the same logits): a test should not wait for the native
+    step to be compiled (after its source changes, or while another process holds the build lock)."""
+    monkeypatch.setenv("LMFORGE_NATIVE", "0")
+
 # two distributions over 3 tokens, given as log-probabilities (softmax of a log-probability vector is itself)
 P_T = [0.7, 0.2, 0.1]
 P_S = [0.2, 0.5, 0.3]

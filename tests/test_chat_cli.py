@@ -31,6 +31,13 @@ from lmforge.tokenizer.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+@pytest.fixture(autouse=True)
+def pytorch_decode_step(monkeypatch):
+    """The chat mechanics do not depend on the decode kernel: use the PyTorch step (same logits) rather than wait
+    for the native one to be compiled (a one-time build, minutes on a loaded machine)."""
+    monkeypatch.setenv("LMFORGE_NATIVE", "0")
+
+
 TEXT = "The quick brown fox jumps over the lazy dog. 12 + 34 = 46. What is 7 * 8? It is 56.\n"
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -53,6 +60,7 @@ def ckpts(tmp_path_factory):
 
 
 def _env():
+    # LMFORGE_NATIVE=0 (set by the fixture above) travels to the program
     env = dict(os.environ, TERM="dumb", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
     env.pop("PYTHONSTARTUP", None)

@@ -27,6 +27,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 jsonschema = pytest.importorskip("jsonschema")
 
 
+@pytest.fixture(autouse=True)
+def pytorch_decode_step(monkeypatch):
+    """The chat mechanics do not depend on the decode kernel: use the PyTorch step (same logits) rather than wait
+    for the native one to be compiled (a one-time build, minutes on a loaded machine)."""
+    monkeypatch.setenv("LMFORGE_NATIVE", "0")
+
+
 # ---- calculator: results --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("expr,expected", [
     ("1 + 2 * 3", "7"), ("(1 + 2) * 3", "9"), ("2 ** 100", str(2 ** 100)), ("-7 // 2", "-4"), ("-7 % 3", "2"),

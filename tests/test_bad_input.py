@@ -87,9 +87,12 @@ CASES = {
         ("recipe-is-a-directory", lambda f: ["--recipe", f, "--data", f / "data", "--out", "run"]),
         ("missing-data", lambda f: ["--data", f / "nope", "--out", "run"]),
         ("resume-with-nothing-to-resume", lambda f: ["--data", f / "data", "--out", "run", "--resume"]),
-        ("max-steps-negative", lambda f: ["--data", f / "data", "--out", "run", "train.max_steps=-1"]),
-        ("out-is-a-file", lambda f: ["--data", f / "data", "--out", f / "notes.txt", "train.max_steps=1"]),
-        ("vocab-override-below-the-tokenizer", lambda f: ["--data", f / "data", "--out", "run", "train.max_steps=1",
+        ("max-steps-negative", lambda f: ["--data", f / "data", "--tokenizer", f / "tok", "--out", "run",
+                                          "train.max_steps=-1"]),
+        ("out-is-a-file", lambda f: ["--data", f / "data", "--tokenizer", f / "tok", "--out", f / "notes.txt",
+                                     "train.max_steps=1"]),
+        ("vocab-override-below-the-tokenizer", lambda f: ["--data", f / "data", "--tokenizer", f / "tok", "--out", "run",
+                                                          "train.max_steps=1",
                                                           "model.overrides={vocab_size: 100}"]),
         ("lora-target-matches-nothing", lambda f: ["--data", f / "data", "--tokenizer", f / "tok", "--out", "run",
                                                    f"init_from={f / 'ck'}",
@@ -98,7 +101,8 @@ CASES = {
                                                    "train.lora.rank=4", "train.lora.targets=q_proj,nope"]),
         ("lora-without-a-base-checkpoint", lambda f: ["--data", f / "data", "--tokenizer", f / "tok", "--out", "run",
                                                       "train.max_steps=1", "train.lora.rank=4"]),
-        ("lora-rank-negative", lambda f: ["--data", f / "data", "--out", "run", "train.lora.rank=-1"]),
+        ("lora-rank-negative", lambda f: ["--data", f / "data", "--tokenizer", f / "tok", "--out", "run",
+                                          "train.lora.rank=-1"]),
     ],
     ("sft",): [
         ("data-not-conversations", lambda f: ["--checkpoint", f / "ck", "--data", f / "notes.txt", "--out", "run"]),
@@ -227,6 +231,11 @@ USAGE_ERRORS = {"batch-size-0", "batch-size-negative", "max-tokens-0", "max-new-
                 "max-tool-rounds-negative", "n-0"}
 
 
+# cases whose one line must name what is wrong (so a case cannot pass on an earlier, unrelated error)
+EXPECT = {"max-steps-negative": "max_steps", "vocab-override-below-the-tokenizer": "vocab_size",
+          "lora-rank-negative": "rank", "out-is-a-file": "notes.txt"}
+
+
 def test_every_verb_has_a_case():
     verbs = {v.path for v in all_verbs()}
     assert verbs - CASES.keys() == set(), "verbs without a bad-input case in CASES"
@@ -243,6 +252,9 @@ def test_bad_input_is_one_line_and_leaves_nothing(path, argv, fx, tmp_path, monk
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lmforge: error: "), err
+    case = request.node.callspec.id.split(":")[1]
+    if case in EXPECT and path == ("pretrain",):
+        assert EXPECT[case] in lines[0], lines[0]
     if request.node.callspec.id.split(":")[1] in USAGE_ERRORS:   # caught by argparse: the flag and --help
         assert "argument --" in lines[0] or "unrecognized" in lines[0]
         assert lines[0].endswith(" --help)")

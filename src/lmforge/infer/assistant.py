@@ -78,8 +78,6 @@ def check_tool_use(tok, tools: Sequence[Tool]) -> None:
 
 def tool_call_grammar(tok, tools: Sequence[Tool]) -> Grammar:
     """The grammar of what follows a reply's first <|tool_call|>:  call (<|tool_call|> call)* <|end|>."""
-    import llguidance
-
     check_tool_use(tok, tools)
     sp = tok.special_tokens
     rules = []
@@ -95,7 +93,7 @@ def tool_call_grammar(tok, tools: Sequence[Tool]) -> Grammar:
     lark = "\n".join([f"start: call (<[{sp[TOOL_CALL]}]> call)* <[{sp[END]}]>",
                       "call: " + " | ".join(f"call_{i}" for i in range(len(tools))), *rules])
     # a JSON-schema grammar, written in llguidance's Lark so that it can name the special tokens between calls
-    return Grammar(tok, "json_schema", lark, llguidance.LLMatcher.grammar_from_lark(lark), "tools")
+    return Grammar.lark(tok, lark, field="tools")
 
 
 def _drive(engine: Engine, prompt_ids: list[int], params: SamplingParams, constraint, on_text, should_stop):

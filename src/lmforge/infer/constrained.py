@@ -39,7 +39,7 @@ except ImportError:  # an optional extra: fail when constrained decoding is used
 
 # JSON layout: json.dumps' separators, no free whitespace (see the module docstring)
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-_WHAT = {"json_schema": "JSON schema", "regex": "regex", "choices": "choices"}
+_WHAT = {"json_schema": "JSON schema", "regex": "regex", "choices": "choices", "lark": "grammar"}
 GRAMMAR_CACHE_SIZE = 64   # compiled grammars kept per tokenizer (a server sees the same schema again and again)
 
 
@@ -166,6 +166,18 @@ class Grammar:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"cannot use this JSON schema: {e}", field="json_schema") from None
         return cls(tokenizer, "json_schema", spec, grammar, "json_schema")
+
+    @classmethod
+    def lark(cls, tokenizer, text: str, field: str = "grammar") -> "Grammar":
+        """Outputs match a grammar in llguidance's Lark dialect, which can embed JSON schemas (`%json {...}`) and
+        name special tokens by id (`<[123]>`): e.g. tool calls separated and ended by chat markers."""
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError("the grammar must be a non-empty string", field=field)
+        try:
+            grammar = _lib().LLMatcher.grammar_from_lark(text)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"cannot use this grammar: {e}", field=field) from None
+        return cls(tokenizer, "lark", text, grammar, field)
 
     @classmethod
     def regex(cls, tokenizer, pattern: str) -> "Grammar":

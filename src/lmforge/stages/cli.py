@@ -59,21 +59,11 @@ def distill_arguments(p) -> None:
 
 
 def cmd_distill(args) -> int:
-    import re
-
     import lmforge
     from lmforge.config import load_config
     from lmforge.stages.distill import DistillConfig, run_distill
 
-    data = list(args.data or [])      # --data takes the KEY=VALUE words after it too (see cmd_sft)
-    over = [d for d in data if re.match(_OVERRIDE, d)] + list(args.overrides)
-    data = [d for d in data if not re.match(_OVERRIDE, d)]
-    if args.out:
-        over.insert(0, f"train.out_dir={args.out}")
-    if args.sequence:
-        over.append("sequence=true")
-    if args.resume:
-        over.append("train.resume=true")
+    data, over = data_and_overrides(args, sequence="sequence=true")
     dcfg = load_config(DistillConfig, args.recipe, over)
     dcfg.teacher = args.teacher
     dcfg.data = data or dcfg.data
@@ -116,24 +106,29 @@ def sft_arguments(p) -> None:
 _OVERRIDE = r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*="
 
 
-def cmd_sft(args) -> int:
+def data_and_overrides(args, **flags) -> tuple[list[str], list[str]]:
+    """(data sources, config overrides) of a verb with `--data SRC...` and KEY=VALUE words. argparse gives --data
+    the KEY=VALUE words after it too: a word with a bare dotted-key prefix is an override (a source's own options
+    look like NAME:KEY=VALUE, a file has no such prefix). --out, --resume and the boolean flags named in `flags`
+    (flag -> override) become overrides as well."""
     import re
-
-    import lmforge
-    from lmforge.config import load_config
-    from lmforge.stages.sft import SFTConfig, run_sft
-
-    # `--data a.jsonl b.jsonl train.max_steps=5`: argparse gives --data the KEY=VALUE words too (a source's own
-    # options look like NAME:KEY=VALUE, a file has no bare KEY= prefix)
     data = list(args.data or [])
     over = [d for d in data if re.match(_OVERRIDE, d)] + list(args.overrides)
     data = [d for d in data if not re.match(_OVERRIDE, d)]
     if args.out:
         over.insert(0, f"train.out_dir={args.out}")
-    if args.truncate:
-        over.append("truncate=true")
+    over += [o for flag, o in flags.items() if getattr(args, flag)]
     if args.resume:
         over.append("train.resume=true")
+    return data, over
+
+
+def cmd_sft(args) -> int:
+    import lmforge
+    from lmforge.config import load_config
+    from lmforge.stages.sft import SFTConfig, run_sft
+
+    data, over = data_and_overrides(args, truncate="truncate=true")
     cfg = load_config(SFTConfig, args.recipe, over)
     cfg.checkpoint = args.checkpoint
     cfg.data = data or cfg.data

@@ -104,6 +104,7 @@ class FastDecoder:
         self._inv_d = 1.0 / cfg.d_model
         # the C++ step (None: PyTorch ops); native=None uses it when it builds here, True insists
         self._native = self._ext = None
+        self._owner, self._packed_set = model, False
         if native is not False and dev.type == "cpu":
             from lmforge.infer import native as native_ext
             ext = native_ext.load()
@@ -174,6 +175,8 @@ class FastDecoder:
         if self._native is not None and cache.k.dtype == torch.float32 and cache.k.is_contiguous() \
                 and cache.v.is_contiguous():
             self._table(S)    # positions never exceed the slot index
+            if B > 1:
+                self._use_packed()
             logits = self._native.step(
                 tokens.reshape(B, 1).long().contiguous(),
                 _NO_POSITIONS if position_ids is None else position_ids.reshape(B).long().contiguous(),
@@ -219,10 +222,30 @@ class FastDecoder:
         if pos + T > cache.max_len or pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence exceeds the cache ({cache.max_len}) or max_seq_len ({self.cfg.max_seq_len})")
         self._table(pos + T)
+        if T * B > 1:
+            self._use_packed()
         logits = self._native.step(tokens.long().contiguous(), _NO_POSITIONS, _NO_MASK, cache.k, cache.v, pos,
                                    self._cos, self._sin)
         cache.pos = pos + T
         return logits.view(B, T, -1)
+
+    def _use_packed(self) -> None:
+        """Hand the C++ step packed copies of the weights for multi-row steps, kept on the model (keyed by the
+        weights' storage and version) so that decoders built one after another for the same weights -- every
+        speculative generation builds one -- pack once, not once each."""
+        if self._packed_set:
+            return
+        mats = [w for lay in self.layers for w in (lay[1], lay[2], lay[4], lay[5])] + [self.head]
+        # the parameters' versions (an optimizer step bumps them) and the operands' storage: the inference copies
+        # can be inference tensors, which keep no version of their own
+        key = (tuple((q.data_ptr(), q._version) for q in self._owner.parameters())
+               + tuple((w.data_ptr(), tuple(w.shape), tuple(w.stride())) for w in mats))
+        cached = self._owner.__dict__.get("_native_packed")
+        if cached is None or cached[0] != key:
+            cached = (key, [self._ext.pack_panels(w) for w in mats])
+            self._owner.__dict__["_native_packed"] = cached
+        self._native.set_packed(cached[1][:-1], cached[1][-1])
+        self._packed_set = True
 
     def _rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x * rsqrt(mean(x^2) + eps) * w for 2-D fp32 x in 5 cheap ops: a vector norm is one fast reduction

@@ -253,6 +253,9 @@ def _spec_decode(model, tokenizer, req: Request, draft_model, lookahead: int, ng
         m.eval()
     try:
         with torch.inference_mode(), autocast(device, resolve_precision(precision, device)):
+            for m in models:   # as the engine does: (in, out) weight copies for the 1-row steps on CPU
+                if device.type == "cpu" and hasattr(m, "use_transposed_weights"):
+                    m.use_transposed_weights(True)
             fast = fast_decoder(model)
             if draft is not None:
                 draft.fast = fast_decoder(draft_model)

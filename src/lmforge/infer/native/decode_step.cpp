@@ -176,6 +176,14 @@ class NativeDecoder {
     TORCH_CHECK(norm_w_.is_contiguous(), "final norm weight");
   }
 
+  // Packed weights made elsewhere (pack_panels of W_qkv, W_o, W_gate_up, W_down per layer, then the head), so a
+  // caller can keep them across decoders of unchanged weights instead of packing again.
+  void set_packed(std::vector<at::Tensor> layers, at::Tensor head) {
+    TORCH_CHECK((int64_t)layers.size() == 4 * L_, "4 packed weights per layer");
+    packed_ = std::move(layers);
+    packed_head_ = head;
+  }
+
   // Packs the weights for multi-row steps (a second copy of them; built on the first multi-row step, so a
   // batch-1-only user never pays its memory).
   void ensure_packed() {
@@ -376,5 +384,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<NativeDecoder>(m, "NativeDecoder")
       .def(pybind11::init<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, int64_t, int64_t, int64_t,
                           double>())
+      .def("set_packed", &NativeDecoder::set_packed)
       .def("step", &NativeDecoder::step, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -11,14 +11,14 @@ from lmforge.infer.tools import CALCULATOR as calculator
 # seq_len 320: a tool-use conversation (the calculator's declaration, the call, its result) takes ~310 tokens with
 # this small vocabulary
 TINY = ["sources=[python-docs]", "tokenizer.vocab_size=400", "markov_orders=[1,2]",
-        "pretrain.seq_len=320", "pretrain.eval_tokens=2048", "pretrain.sample_tokens=8", "pretrain.eval_stride=null",
+        "pretrain.seq_len=384", "pretrain.eval_tokens=2048", "pretrain.sample_tokens=8", "pretrain.eval_stride=null",
         "pretrain.model.preset=tiny", "pretrain.model.overrides={d_model: 64, n_head: 4, n_kv_heads: 2}",
         "pretrain.train.max_time=null", "pretrain.train.max_steps=40", "pretrain.train.batch_size=2",
         "pretrain.train.log_every=10", "pretrain.train.eval_every=20", "pretrain.train.save_every=0",
         "pretrain.train.threads=1",
         # mostly tool demonstrations, so that this tiny model learns to open a call in a few steps
-        "sft.data=[arithmetic:digits=1, 'arithmetic:digits=2,tools=true']", "sft.source_n=16",
-        "sft.source_counts={'arithmetic:digits=2,tools=true': 48}", "sft.val_n=4", "sft.max_val=8",
+        "sft.data=[arithmetic:digits=1, 'arithmetic:digits=3,tools=true,turns=2']", "sft.source_n=16",
+        "sft.source_counts={'arithmetic:digits=3,tools=true,turns=2': 24}", "sft.val_n=4", "sft.max_val=8",
         "sft.sample_n=0", "sft.train.max_steps=30", "sft.train.batch_size=8", "sft.train.lr=2e-2",
         "sft.train.log_every=10", "sft.train.threads=1",
         "chat_eval.task=arithmetic:digits=1", "chat_eval.tool_task='arithmetic:digits=2,tools=true'",
@@ -53,20 +53,21 @@ def test_quickstart_fine_tunes_for_chat_and_scores_it(quickstart_run):
     out = quickstart_run
     summary = json.loads((out / "summary.json").read_text())
     f = summary["sft"]
-    assert f["step"] == 30 and f["train_conversations"] == 16 + 48 and 0 < f["assistant_fraction"] < 1
+    assert f["step"] == 30 and f["train_conversations"] == 16 + 24 and 0 < f["assistant_fraction"] < 1
     assert (out / "sft" / "checkpoint" / "model.safetensors").exists()
     cfg = json.loads((out / "sft" / "checkpoint" / "config.json").read_text())
     assert cfg["stage"] == "sft" and cfg["base"].endswith("pretrain/checkpoint")
     # one held-out prompt per source, the tool source's with the calculator offered
     chats = summary["chat_samples"]
-    assert [c["source"] for c in chats] == ["arithmetic:digits=1", "arithmetic:digits=2,tools=true"]
+    assert [c["source"] for c in chats] == ["arithmetic:digits=1", "arithmetic:digits=3,tools=true,turns=2"]
     assert all(c["transcript"].startswith("user: What is ") for c in chats)
     te = summary["task_eval"]
-    evals = {k: json.loads((out / "eval" / f"{k}.json").read_text()) for k in ("base", "sft", "sft_no_tools",
-                                                                             "sft_tools")}
+    evals = {k: json.loads((out / "eval" / f"{k}.json").read_text())
+             for k in ("base", "sft", "base_tools", "sft_no_tools", "sft_tools")}
     assert [p["prompt"] for p in evals["base"]["problems"]] == [p["prompt"] for p in evals["sft"]["problems"]]
     assert [p["prompt"] for p in evals["sft_no_tools"]["problems"]] == \
-        [p["prompt"] for p in evals["sft_tools"]["problems"]]
+        [p["prompt"] for p in evals["sft_tools"]["problems"]] == [p["prompt"] for p in evals["base_tools"]["problems"]]
+    assert evals["base_tools"]["tools"] == ["calculator"]
     assert te["base"]["n"] == 8 and te["sft_tools"]["n"] == 3
     assert evals["sft_tools"]["tools"] == ["calculator"] and evals["sft_no_tools"]["tools"] is None
     for k, e in evals.items():
@@ -83,6 +84,7 @@ def test_quickstart_fine_tunes_for_chat_and_scores_it(quickstart_run):
     report = (out / "report.md").read_text()
     assert "## Chat: supervised fine-tuning" in report and "Chat samples" in report
     for label in ("| base (pretrained) | arithmetic:digits=1 | 8 |", "| SFT | arithmetic:digits=1 | 8 |",
+                  "| base (pretrained) + tools | arithmetic:digits=2,tools=true, tools: calculator | 3 |",
                   "| SFT, no tools |", "| SFT + tools | arithmetic:digits=2,tools=true, tools: calculator | 3 |"):
         assert label in report, label
 
@@ -106,7 +108,7 @@ def test_quickstart_refuses_a_context_too_short_for_tool_use(tmp_path, capsys):
     assert main(args + ["pretrain.seq_len=64"]) == 2
     err = capsys.readouterr().err        # the tokenizer's progress bars, then the one-line error
     last = err.strip().splitlines()[-1]
-    assert "Traceback" not in err and "pretrain.seq_len" in last and "arithmetic:digits=2,tools=true" in last
+    assert "Traceback" not in err and "pretrain.seq_len" in last and "tools=true" in last
     assert not (tmp_path / "qs" / "pretrain").exists()
     assert main(args + ["chat_eval.tool_task=arithmetic:digits=3"]) == 2
     assert "declares no tools" in capsys.readouterr().err

@@ -164,6 +164,43 @@ def test_tool_demonstration_calls_the_calculator(tok):
     assert row["tools"] == [CALCULATOR_TOOL] and row["messages"][1]["tool_calls"]
 
 
+def test_restated_answers_copy_the_problem_and_score_by_the_last_number(tok):
+    plain, fam = family("arithmetic:digits=2"), family("arithmetic:digits=2,restate=true")
+    assert fam.name == "arithmetic:digits=2,restate=true"
+    probs = fam.problems("eval", 50, seed=3)
+    assert [p.key for p in probs] == [p.key for p in plain.problems("eval", 50, seed=3)]   # the same problems
+    for p in probs:
+        answer = fam.demonstration(p)[-1]["content"]
+        m = p.meta
+        assert answer == f"{m['a']} {m['op']} {m['b']} = {p.answer}"
+        assert fam.score(p, answer) == 1.0 and fam.score(p, f"{m['a']} {m['op']} {m['b']} = {int(p.answer) + 1}") == 0
+    tool = family("arithmetic:digits=3,tools=true,restate=true")
+    p = tool.problems("train", 1, seed=0)[0]
+    demo = tool.demonstration(p, tools=True)
+    assert demo[-2]["content"] == p.answer and demo[-1]["content"].endswith(f" = {p.answer}")
+
+
+def test_turns_put_several_problems_in_one_conversation(tok):
+    one, two = family("arithmetic:digits=3,tools=true"), family("arithmetic:digits=3,tools=true,turns=2")
+    assert two.name == "arithmetic:digits=3,tools=true,turns=2"
+    assert [p.key for p in two.problems("eval", 10, seed=1)] == [p.key for p in one.problems("eval", 10, seed=1)]
+    singles = list(conversations("arithmetic:digits=3,tools=true", n=6, seed=2))
+    pairs = list(conversations("arithmetic:digits=3,tools=true,turns=2", n=3, seed=2))
+    assert len(pairs) == 3
+    for k, row in enumerate(pairs):   # the same problems in the same order, two per conversation, declared once
+        assert row["messages"] == singles[2 * k]["messages"] + singles[2 * k + 1]["messages"]
+        assert row["tools"] == [CALCULATOR_TOOL]
+        ids, mask = render_chat(tok, row["messages"], tools=row["tools"])
+        assert tok.decode(ids).count("<|tool|>") == 1 and tok.decode(ids).count("<|tool_call|>") == 2
+    # a finite eval space ends in a short last group
+    rows = list(conversations("arithmetic:digits=1,turns=3", split="eval", seed=0))
+    n = len(family("arithmetic:digits=1").problems("eval", 1000, seed=0))
+    assert sum(len(r["messages"]) // 2 for r in rows) == n and len(rows) == -(-n // 3)
+    for bad in ("turns=0", "turns=17", "turns=x", "restate=maybe"):
+        with pytest.raises(ConfigError, match="turns|restate"):
+            family(f"arithmetic:digits=2,{bad}")
+
+
 # ---- chatterbot ------------------------------------------------------------------------------------------------
 def test_chatterbot_loads_offline_in_several_languages(monkeypatch):
     def no_network(*a, **k):

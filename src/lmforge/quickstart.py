@@ -159,7 +159,7 @@ def run_quickstart(cfg: QuickstartConfig, out: str | Path, progress: bool = True
     done("chat samples", t)
 
     t = stage(f"task accuracy: held-out {cfg.chat_eval.task} (base vs SFT), {cfg.chat_eval.tool_task} "
-              f"(SFT without vs with tools)")
+              f"(base with tools, SFT without and with them)")
     base_model, _ = lmforge.load(base_ckpt, device="cpu")
     task_eval = _task_eval(base_model, sft_model, sft_tok, cfg.chat_eval, out / "eval", progress)
     done("task eval", t)
@@ -262,8 +262,8 @@ def _chat_samples(model, tok, data: list[str], ce: ChatEvalSection) -> list[dict
 
 
 def _task_eval(base_model, sft_model, tok, ce: ChatEvalSection, out_dir: Path, progress: bool) -> dict:
-    """Greedy accuracy on held-out problems: the base and the SFT model on the same problems of ce.task; the SFT
-    model on the same problems of ce.tool_task with its tools withheld and with them (every tool call checked
+    """Greedy accuracy on held-out problems: the base and the SFT model on the same problems of ce.task; on the
+    same problems of ce.tool_task the base model offered the tools, the SFT model with them withheld and with them (every tool call checked
     against its tool's schema). The full results go to out_dir/*.json."""
     import copy
 
@@ -279,6 +279,7 @@ def _task_eval(base_model, sft_model, tok, ce: ChatEvalSection, out_dir: Path, p
     runs = {
         "base": (base_model, fam, problems, ce.max_tokens),
         "sft": (sft_model, fam, problems, ce.max_tokens),
+        "base_tools": (base_model, tool_fam, tool_problems, ce.tool_max_tokens),
         "sft_no_tools": (sft_model, plain, tool_problems, ce.tool_max_tokens),
         "sft_tools": (sft_model, tool_fam, tool_problems, ce.tool_max_tokens),
     }
@@ -308,10 +309,13 @@ def _task_eval(base_model, sft_model, tok, ce: ChatEvalSection, out_dir: Path, p
 
 def format_task_table(te: dict) -> str:
     """The task-accuracy table (markdown) and the tool-call line, as printed and as in report.md."""
-    names = {"base": "base (pretrained)", "sft": "SFT", "sft_no_tools": "SFT, no tools", "sft_tools": "SFT + tools"}
+    names = {"base": "base (pretrained)", "sft": "SFT", "base_tools": "base (pretrained) + tools",
+             "sft_no_tools": "SFT, no tools", "sft_tools": "SFT + tools"}
     lines = [f"| model | held-out task | problems | accuracy | ended with <\\|end\\|> | mean tokens | budget |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for key, label in names.items():
+        if key not in te:
+            continue
         r = te[key]
         tools = f", tools: {', '.join(r['tools'])}" if r["tools"] else ""
         lines.append(f"| {label} | {r['task']}{tools} | {r['n']} | {100 * r['accuracy']:.1f}% | "

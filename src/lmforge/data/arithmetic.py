@@ -4,6 +4,9 @@
     arithmetic:digits=3               up to 3 digits (the difficulty)
     arithmetic:digits=3,ops=+-*       also products ('x' works for '*' too)
     arithmetic:digits=5,tools=true    demonstrations call the calculator tool instead of answering at once
+    arithmetic:digits=2,restate=true  demonstrations restate the problem before the answer: "47 + 38 = 85"
+    arithmetic:digits=3,turns=4       four problems per training conversation (a multi-turn chat): the tool
+                                      declaration, the long part of a tools=true prompt, is paid once per four
 
 Operands are drawn uniformly from 0 .. 10**digits - 1; a difference may be negative. The canonical text of a
 problem is its expression ("47+385"), which decides its split (problems.split_of), so the held-out problems of
@@ -27,6 +30,7 @@ from lmforge.errors import ConfigError
 
 OPS = "+-*"
 MAX_DIGITS = 9
+MAX_TURNS = 16
 ENUMERATE = 200_000            # problem spaces up to this size are listed whole
 
 # The calculator as the demonstrations declare it (OpenAI `tools` shape): the same declaration as the runtime
@@ -36,10 +40,9 @@ CALCULATOR_TOOL = {
     "type": "function",
     "function": {
         "name": "calculator",
-        "description": "Evaluate an arithmetic expression exactly: numbers, + - * / // % ** and parentheses.",
+        "description": "Exact arithmetic: + - * / // % ** ( )",
         "parameters": {"type": "object",
-                       "properties": {"expression": {"type": "string", "maxLength": 256,
-                                                     "description": "e.g. 123456 * 789 or (2 + 3) ** 4 / 7"}},
+                       "properties": {"expression": {"type": "string", "maxLength": 256}},
                        "required": ["expression"], "additionalProperties": False},
     },
 }
@@ -68,7 +71,8 @@ def _apply(a: int, op: str, b: int) -> int:
 
 
 class ArithmeticFamily(TaskFamily):
-    def __init__(self, digits: int = 2, ops: str = "+-", tools: bool = False, source: str | None = None):
+    def __init__(self, digits: int = 2, ops: str = "+-", tools: bool = False, source: str | None = None,
+                 restate: bool = False, turns: int = 1):
         if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= MAX_DIGITS:
             raise ConfigError(f"{source or 'arithmetic'!r}: digits must be an integer in 1..{MAX_DIGITS}, "
                               f"got {digits!r}", field="source")
@@ -78,23 +82,40 @@ class ArithmeticFamily(TaskFamily):
                               field="source")
         self.digits, self.ops = digits, "".join(c for c in OPS if c in norm)   # canonical order
         self.tools = [CALCULATOR_TOOL] if tools else None
+        # restate: the answer copies the operands first, so each answer digit is computed next to the digits it
+        # depends on, and the copying is the same skill a calculator call needs; the scorer reads the last number
+        self.restate = restate
+        if isinstance(turns, bool) or not isinstance(turns, int) or not 1 <= turns <= MAX_TURNS:
+            raise ConfigError(f"{source or 'arithmetic'!r}: turns must be an integer in 1..{MAX_TURNS}, "
+                              f"got {turns!r}", field="source")
+        self.turns = turns
         opts = [f"digits={digits}"] + ([f"ops={self.ops}"] if self.ops != "+-" else []) + \
-            (["tools=true"] if tools else [])
+            (["tools=true"] if tools else []) + (["restate=true"] if restate else []) + \
+            ([f"turns={turns}"] if turns != 1 else [])
         self.name = "arithmetic:" + ",".join(opts)
         self.description = (f"integer {' '.join(self.ops)} with operands of up to {digits} digits"
-                            + (", demonstrations call the calculator" if tools else ""))
+                            + (", demonstrations call the calculator" if tools else "")
+                            + (", answers restate the problem" if restate else "")
+                            + (f", {turns} problems per conversation" if turns != 1 else ""))
 
     @classmethod
     def from_options(cls, text: str, source: str) -> "ArithmeticFamily":
         opts = parse_options(text, source, {"digits": "N (1..9, default 2)", "ops": "+-* (default +-)",
-                                            "tools": "true|false"})
+                                            "tools": "true|false", "restate": "true|false",
+                                            "turns": "N (1..16, default 1)"})
         try:
             digits = int(opts.get("digits", "2"))
         except ValueError:
             raise ConfigError(f"{source!r}: digits expects an integer, got {opts['digits']!r}",
                               field="source") from None
         tools = parse_bool(opts["tools"], source, "tools") if "tools" in opts else False
-        return cls(digits, opts.get("ops", "+-"), tools, source=source)
+        restate = parse_bool(opts["restate"], source, "restate") if "restate" in opts else False
+        try:
+            turns = int(opts.get("turns", "1"))
+        except ValueError:
+            raise ConfigError(f"{source!r}: turns expects an integer, got {opts['turns']!r}",
+                              field="source") from None
+        return cls(digits, opts.get("ops", "+-"), tools, source=source, restate=restate, turns=turns)
 
     # ---- the problem space
     @property
@@ -139,13 +160,17 @@ class ArithmeticFamily(TaskFamily):
 
     def demonstration(self, problem: Problem, tools: bool = False) -> list[dict]:
         msgs = [dict(m) for m in problem.messages]
+        answer = problem.answer
+        if self.restate:
+            m = problem.meta
+            answer = f"{m['a']} {m['op']} {m['b']} = {problem.answer}"
         if not tools:
-            return msgs + [{"role": "assistant", "content": problem.answer}]
+            return msgs + [{"role": "assistant", "content": answer}]
         expression = problem.meta["expression"]
         call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}
         return msgs + [{"role": "assistant", "content": "", "tool_calls": [call]},
                        {"role": "tool", "content": problem.answer},
-                       {"role": "assistant", "content": problem.answer}]
+                       {"role": "assistant", "content": answer}]
 
 
 @functools.lru_cache(maxsize=16)

@@ -139,8 +139,15 @@ class TaskFamily(InstructionSource):
         check_split(split)
         check_n(n)
         use_tools = self.tools is not None
-        for p in islice(self.iter_problems(split, seed), n):
-            row = {"messages": self.demonstration(p, tools=use_tools) if use_tools else self.demonstration(p)}
+        turns = getattr(self, "turns", 1)     # problems per conversation: later ones follow the earlier turns
+        problems = self.iter_problems(split, seed)
+        for _ in range(n) if n is not None else iter(int, 1):
+            group = list(islice(problems, turns))
+            if not group:
+                return
+            msgs = [m for p in group for m in (self.demonstration(p, tools=use_tools) if use_tools
+                                                 else self.demonstration(p))]
+            row = {"messages": msgs}
             if use_tools:
                 row["tools"] = self.tools
             yield row

@@ -288,10 +288,10 @@ def calculate(expression: str) -> str:
 
 
 CALCULATOR = Tool(
-    "calculator", "Evaluate an arithmetic expression exactly: numbers, + - * / // % ** and parentheses.",
+    # short: the declaration is in every prompt that offers the tool, and most of a small model's tool demo
+    "calculator", "Exact arithmetic: + - * / // % ** ( )",
     {"type": "object",
-     "properties": {"expression": {"type": "string", "maxLength": MAX_EXPRESSION_CHARS,
-                                   "description": "e.g. 123456 * 789 or (2 + 3) ** 4 / 7"}},
+     "properties": {"expression": {"type": "string", "maxLength": MAX_EXPRESSION_CHARS}},
      "required": ["expression"], "additionalProperties": False},
     calculate)
 

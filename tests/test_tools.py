@@ -282,7 +282,7 @@ def test_builtin_calls_validate_or_are_dropped_when_cut(tiny):
     engine, grammar = Engine(model, tok), tool_call_grammar(tok, tools)
     prompt = _prompt(tok, tools)
     finishes = []
-    for seed in range(6):
+    for seed in range(16):
         r = generate_reply(engine, tok, prompt, SamplingParams(seed=seed, max_tokens=300), tools,
                            tool_choice="required", grammar=grammar)
         finishes.append(r.finish_reason)

@@ -174,6 +174,16 @@ def test_restated_answers_copy_the_problem_and_score_by_the_last_number(tok):
         m = p.meta
         assert answer == f"{m['a']} {m['op']} {m['b']} = {p.answer}"
         assert fam.score(p, answer) == 1.0 and fam.score(p, f"{m['a']} {m['op']} {m['b']} = {int(p.answer) + 1}") == 0
+    pad = family("arithmetic:digits=3,ops=+-*,restate=pad")
+    assert pad.name == "arithmetic:digits=3,ops=+-*,restate=pad"
+    for p in pad.problems("train", 200, seed=1):
+        answer = pad.demonstration(p)[-1]["content"]
+        left, right = answer.split(" = ")
+        a, op, b = left.split(" ")
+        assert len(a) == len(b) == 3 and int(a) == p.meta["a"] and int(b) == p.meta["b"] and op == p.meta["op"]
+        assert len(right.lstrip("-")) >= 4 and pad.score(p, answer) == 1.0        # "-0321" reads as -321
+    assert family("arithmetic:digits=2,ops=+,restate=pad").demonstration(
+        family("arithmetic:digits=2,ops=+").make(7, "+", 5))[-1]["content"] == "07 + 05 = 012"
     tool = family("arithmetic:digits=3,tools=true,restate=true")
     p = tool.problems("train", 1, seed=0)[0]
     demo = tool.demonstration(p, tools=True)

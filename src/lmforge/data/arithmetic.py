@@ -5,6 +5,8 @@
     arithmetic:digits=3,ops=+-*       also products ('x' works for '*' too)
     arithmetic:digits=5,tools=true    demonstrations call the calculator tool instead of answering at once
     arithmetic:digits=2,restate=true  demonstrations restate the problem before the answer: "47 + 38 = 85"
+    arithmetic:digits=2,restate=pad   ... with fixed-width numbers: "47 + 08 = 055" (each digit of the answer sits
+                                      at the same distance from the digits it depends on)
     arithmetic:digits=3,turns=4       four problems per training conversation (a multi-turn chat): the tool
                                       declaration, the long part of a tools=true prompt, is paid once per four
 
@@ -72,7 +74,7 @@ def _apply(a: int, op: str, b: int) -> int:
 
 class ArithmeticFamily(TaskFamily):
     def __init__(self, digits: int = 2, ops: str = "+-", tools: bool = False, source: str | None = None,
-                 restate: bool = False, turns: int = 1):
+                 restate: bool | str = False, turns: int = 1):
         if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= MAX_DIGITS:
             raise ConfigError(f"{source or 'arithmetic'!r}: digits must be an integer in 1..{MAX_DIGITS}, "
                               f"got {digits!r}", field="source")
@@ -90,7 +92,8 @@ class ArithmeticFamily(TaskFamily):
                               f"got {turns!r}", field="source")
         self.turns = turns
         opts = [f"digits={digits}"] + ([f"ops={self.ops}"] if self.ops != "+-" else []) + \
-            (["tools=true"] if tools else []) + (["restate=true"] if restate else []) + \
+            (["tools=true"] if tools else []) + ([f"restate={'pad' if restate == 'pad' else 'true'}"] if restate
+                                                 else []) + \
             ([f"turns={turns}"] if turns != 1 else [])
         self.name = "arithmetic:" + ",".join(opts)
         self.description = (f"integer {' '.join(self.ops)} with operands of up to {digits} digits"
@@ -101,7 +104,7 @@ class ArithmeticFamily(TaskFamily):
     @classmethod
     def from_options(cls, text: str, source: str) -> "ArithmeticFamily":
         opts = parse_options(text, source, {"digits": "N (1..9, default 2)", "ops": "+-* (default +-)",
-                                            "tools": "true|false", "restate": "true|false",
+                                            "tools": "true|false", "restate": "true|pad|false",
                                             "turns": "N (1..16, default 1)"})
         try:
             digits = int(opts.get("digits", "2"))
@@ -109,7 +112,8 @@ class ArithmeticFamily(TaskFamily):
             raise ConfigError(f"{source!r}: digits expects an integer, got {opts['digits']!r}",
                               field="source") from None
         tools = parse_bool(opts["tools"], source, "tools") if "tools" in opts else False
-        restate = parse_bool(opts["restate"], source, "restate") if "restate" in opts else False
+        restate = opts.get("restate", "false")
+        restate = "pad" if restate.strip().lower() == "pad" else parse_bool(restate, source, "restate")
         try:
             turns = int(opts.get("turns", "1"))
         except ValueError:
@@ -163,7 +167,12 @@ class ArithmeticFamily(TaskFamily):
         answer = problem.answer
         if self.restate:
             m = problem.meta
-            answer = f"{m['a']} {m['op']} {m['b']} = {problem.answer}"
+            a, b, c = m["a"], m["b"], int(problem.answer)
+            if self.restate == "pad":     # operands at `digits` digits, the result one wider (a sum's carry)
+                w = self.digits
+                answer = f"{a:0{w}d} {m['op']} {b:0{w}d} = {'-' if c < 0 else ''}{abs(c):0{w + 1}d}"
+            else:
+                answer = f"{a} {m['op']} {b} = {c}"
         if not tools:
             return msgs + [{"role": "assistant", "content": answer}]
         expression = problem.meta["expression"]

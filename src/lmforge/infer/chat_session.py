@@ -143,6 +143,18 @@ def interactive(session: ChatSession, banner: str = "", read: Callable[[str], st
     show = printer(out, out)
     if banner:
         out.write(banner + "\n")
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C at the prompt drops the line even when lmforge was started with SIGINT ignored (a background
+        # job of a non-interactive shell inherits that, and Python then never raises KeyboardInterrupt)
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            return _loop(session, read, out, show)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    return _loop(session, read, out, show)
+
+
+def _loop(session: ChatSession, read: Callable[[str], str], out, show: OnEvent) -> int:
     while True:
         try:
             line = clean_text(read("> "), "input")

@@ -20,7 +20,7 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.infer.engine import generate
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import ModelConfig, Transformer
-from lmforge.stages.sft import ChatRows, SFTTask, collate, load_conversations, render_rows
+from lmforge.stages.sft import ChatRows, SFTConfig, SFTTask, collate, load_conversations, render_rows
 from lmforge.tokenizer.bpe import GPT4_PATTERN
 from lmforge.tokenizer.chat import END, render_chat
 from lmforge.tokenizer.tokenizer import Tokenizer
@@ -126,7 +126,7 @@ def test_batches_are_deterministic_bucketed_and_cover_each_epoch():
                     [([], None, "")] * 37)
     a = SFTTask(tok, rows, batch_size=4, seed=3, grad_accum=2)
     b = SFTTask(tok, rows, batch_size=4, seed=3, grad_accum=2)
-    assert a.batches_per_epoch == 10
+    assert len(a._epoch_batches(0)) == 10
     seen = []
     for step in range(5):
         for micro in range(2):
@@ -139,6 +139,30 @@ def test_batches_are_deterministic_bucketed_and_cover_each_epoch():
     x, y, _ = a.batch(0, 0)
     lengths = [int((row != -1).sum()) + 1 for row in y]
     assert max(lengths) - min(lengths) <= 3
+
+
+def test_token_budget_batches_take_many_short_rows_and_few_long_ones():
+    tok = byte_tokenizer()
+    lengths = [4] * 60 + [50] * 10 + list(range(5, 45))
+    rows = ChatRows([torch.arange(n).numpy() for n in lengths], [torch.ones(n).numpy() for n in lengths],
+                    [([], None, "")] * len(lengths))
+    a = SFTTask(tok, rows, batch_size=8, seed=1, batch_tokens=60)
+    b = SFTTask(tok, rows, batch_size=8, seed=1, batch_tokens=60)
+    per_epoch = len(a._epoch_batches(0))
+    seen, sizes = [], []
+    for g in range(2 * per_epoch + 3):     # over an epoch boundary and into the third epoch
+        x, y, m = a.batch(g, 0)
+        assert all(torch.equal(u, v) for u, v in zip((x, y, m), b.batch(g, 0)))
+        assert x.numel() <= 60 or x.shape[0] == 1                      # the budget, or one row longer than it
+        if g < per_epoch:
+            seen += [int((row != -1).sum()) + 1 for row in y]
+            sizes.append((x.shape[1], x.shape[0]))
+    assert sorted(seen) == sorted(lengths)                             # one epoch: every row once
+    assert max(n for t, n in sizes if t == 3) >= 10 and all(n == 1 for t, n in sizes if t == 49)
+    assert SFTTask(tok, rows, batch_size=8, seed=1, batch_tokens=60).batch(per_epoch + 1, 0)[0].shape == \
+        a.batch(per_epoch + 1, 0)[0].shape                             # any step, without the ones before
+    with pytest.raises(ConfigError, match="batch_tokens"):
+        SFTConfig(batch_tokens=0)
 
 
 def test_evaluate_is_the_masked_token_mean():

@@ -67,6 +67,10 @@ class SFTConfig:
     val_n: int = 200                     # held-out conversations per built-in source (its eval split)
     max_val: int = 400                   # at most this many held-out conversations are scored
     eval_batch_size: int = 16
+    # a token budget per micro-batch instead of a row count: each length bucket is cut into batches of at most
+    # batch_tokens padded tokens, so short conversations come many to a batch and long ones few (train.batch_size
+    # then only sets the bucket size); a step then costs about the same whatever the lengths
+    batch_tokens: int | None = None
     sample_n: int = 3                    # held-out prompts answered greedily at each sample and at the end
     sample_tokens: int = 64
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
@@ -76,6 +80,8 @@ class SFTConfig:
             raise ConfigError("must be ≥ 2", field="seq_len")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError("must be in [0, 1)", field="val_fraction")
+        if self.batch_tokens is not None and (isinstance(self.batch_tokens, bool) or self.batch_tokens < 1):
+            raise ConfigError("must be ≥ 1 (or null for train.batch_size rows)", field="batch_tokens")
         for name in ("source_n", "eval_batch_size", "sample_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError("must be ≥ 1", field=name)
@@ -192,7 +198,7 @@ def collate(rows: ChatRows, index, pad_id: int, device) -> tuple[torch.Tensor, t
 class SFTTask(Task):
     def __init__(self, tok, train_rows: ChatRows, val_rows: ChatRows | None = None, *, batch_size: int,
                  seed: int = 0, grad_accum: int = 1, eval_batch_size: int = 16, sample_n: int = 3,
-                 sample_tokens: int = 64, device="cpu"):
+                 sample_tokens: int = 64, device="cpu", batch_tokens: int | None = None):
         if len(train_rows) == 0:
             raise DataError("no training conversations")
         self.tok, self.train_rows, self.val_rows = tok, train_rows, val_rows
@@ -202,17 +208,20 @@ class SFTTask(Task):
         pad = tok.role_token("pad") or tok.role_token("eos")
         self.pad_id = tok.special_tokens[pad] if pad is not None else 0   # any id: pads are never attended to
         self.eot = end_of_turn_id(tok)
-        self.lengths = np.array([len(r) for r in train_rows.ids])
-        self.batches_per_epoch = -(-len(train_rows) // batch_size)
-        self._epoch, self._layout = -1, None
+        self.lengths = np.array([len(r) - 1 for r in train_rows.ids])     # tokens a row puts through the model
+        self.batch_tokens = batch_tokens
+        self._starts = [0]                   # global index of each epoch's first batch (epochs vary in count
+        self._epoch, self._layout = -1, None  # when batches are cut by tokens)
 
     # -- batches: a pure function of (seed, step, micro) ------------------------------------------------------
     def batch(self, step: int, micro: int):
         g = step * self.grad_accum + micro
-        epoch, b = divmod(g, self.batches_per_epoch)
+        while len(self._starts) < 2 or g >= self._starts[-1]:    # lay out epochs until one holds batch g
+            self._starts.append(self._starts[-1] + len(self._epoch_batches(len(self._starts) - 1)))
+        epoch = int(np.searchsorted(self._starts, g, side="right")) - 1
         if epoch != self._epoch:
             self._layout, self._epoch = self._epoch_batches(epoch), epoch
-        return collate(self.train_rows, self._layout[b], self.pad_id, self.device)
+        return collate(self.train_rows, self._layout[g - self._starts[epoch]], self.pad_id, self.device)
 
     def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """This epoch's batches: shuffle, sort by length within chunks of BUCKET_BATCHES batches, cut into
@@ -224,7 +233,16 @@ class SFTTask(Task):
         for c in range(0, len(perm), chunk):
             part = perm[c:c + chunk]
             part = part[np.argsort(self.lengths[part], kind="stable")]
-            batches += [part[i:i + self.B] for i in range(0, len(part), self.B)]
+            if self.batch_tokens is None:
+                batches += [part[i:i + self.B] for i in range(0, len(part), self.B)]
+                continue
+            i = 0
+            while i < len(part):   # sorted ascending: a batch's padded size is its last row's length × rows
+                j = i + 1
+                while j < len(part) and self.lengths[part[j]] * (j + 1 - i) <= self.batch_tokens:
+                    j += 1
+                batches.append(part[i:j])
+                i = j
         return [batches[i] for i in rng.permutation(len(batches))]
 
     def loss(self, model, batch):
@@ -271,10 +289,12 @@ class SFTTask(Task):
         return out
 
     def state_dict(self):
-        return {"seed": self.seed, "train_rows": len(self.train_rows), "batch_size": self.B}
+        return {"seed": self.seed, "train_rows": len(self.train_rows), "batch_size": self.B,
+                "batch_tokens": self.batch_tokens}
 
     def load_state_dict(self, d):
-        if (d.get("seed"), d.get("train_rows"), d.get("batch_size")) != (self.seed, len(self.train_rows), self.B):
+        if (d.get("seed"), d.get("train_rows"), d.get("batch_size"), d.get("batch_tokens")) != \
+                (self.seed, len(self.train_rows), self.B, self.batch_tokens):
             raise ConfigError("resuming with other data, seed or batch size would not continue the same run",
                               field="seed")
 
@@ -305,7 +325,7 @@ def run_sft(cfg: SFTConfig, model, tok, base: str | None = None) -> dict:
     device = detect_device(tcfg.device)
     task = SFTTask(tok, train_rows, val_rows, batch_size=tcfg.batch_size, seed=tcfg.seed, grad_accum=tcfg.grad_accum,
                    eval_batch_size=cfg.eval_batch_size, sample_n=cfg.sample_n, sample_tokens=cfg.sample_tokens,
-                   device=device)
+                   device=device, batch_tokens=cfg.batch_tokens)
     eot = task.eot
     chat = {"template": "lmforge" if uses_lmforge_template(tok) else "hf", "end_of_turn": tok.decode([eot]),
             "end_of_turn_id": eot}

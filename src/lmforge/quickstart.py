@@ -403,7 +403,9 @@ def _chat_report(r: dict) -> list[str]:
              f"The pretrained model fine-tuned on built-in instruction data: {mix} training conversations "
              f"({f['train_conversations']:,} in all, {f['train_tokens']:,} tokens, "
              f"{100 * f['assistant_fraction']:.0f}% of them the assistant's: the only tokens with a loss).",
-             f"{f['step']} steps of {t['batch_size']} conversations, {t['optimizer']} at lr {t['lr']:g}, "
+             f"{f['step']} steps of " + (f"≤ {c['batch_tokens']:,} tokens" if c.get("batch_tokens") else
+                                          f"{t['batch_size']} conversations")
+             + f", {t['optimizer']} at lr {t['lr']:g}, "
              f"{f['train_time']:.0f}s of training ({f['step'] / max(f['train_time'], 1e-9):.2f} steps/s); "
              f"final train loss {f['loss']:.3f}" + (f", held-out loss {f['val_loss']:.3f} "
                                                     f"({f['val_conversations']} conversations)"

@@ -141,10 +141,8 @@ class TaskFamily(InstructionSource):
         use_tools = self.tools is not None
         turns = getattr(self, "turns", 1)     # problems per conversation: later ones follow the earlier turns
         problems = self.iter_problems(split, seed)
-        for _ in range(n) if n is not None else iter(int, 1):
-            group = list(islice(problems, turns))
-            if not group:
-                return
+        groups = iter(lambda: list(islice(problems, turns)), [])    # ends when the problems do
+        for group in islice(groups, n):
             msgs = [m for p in group for m in (self.demonstration(p, tools=use_tools) if use_tools
                                                  else self.demonstration(p))]
             row = {"messages": msgs}

@@ -1,9 +1,9 @@
 """The terminal chat behind `lmforge chat`: a conversation kept within the model's context, and the loop that
 reads a line, streams the reply and runs tools.
 
-    session = ChatSession(engine, tok, params, tools=get_tools("calculator"), system="Be brief.")
-    session.ask("What is 12345 * 678?", on_event=print_event)      # one turn: new messages, history kept
-    interactive(session)                                           # the terminal loop
+    chat = ChatSession(engine, tok, params, tools=get_tools("calculator"), system="Be brief.")
+    chat.ask("What is 12345 * 678?", on_event=print_event)         # one turn: new messages, history kept
+    interactive(chat)                                              # the terminal loop
 
 Context: before each turn the oldest turns (a user message and all that answered it) are dropped until the
 rendered conversation plus the reply budget fits the model's context; the budget counted for this is
@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.assistant import OnEvent, as_tools, check_tool_use, run_chat_turn
@@ -120,19 +121,27 @@ def printer(out=None, trace=None) -> OnEvent:
     return on_event
 
 
-def ask_interruptibly(session: ChatSession, text: str, on_event: OnEvent) -> list[dict]:
-    """session.ask with Ctrl-C (SIGINT) stopping the reply instead of the program."""
-    stop = threading.Event()
+@contextmanager
+def _on_sigint(handler):
+    """SIGINT goes to `handler` inside the block (only the main thread may set handlers: elsewhere a no-op)."""
     if threading.current_thread() is not threading.main_thread():
-        return session.ask(text, on_event, stop.is_set)
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, handler)
     try:
-        return session.ask(text, on_event, stop.is_set)
+        yield
     finally:
         signal.signal(signal.SIGINT, previous)
 
 
-def interactive(session: ChatSession, banner: str = "", read: Callable[[str], str] = input, out=None) -> int:
+def ask_interruptibly(chat: ChatSession, text: str, on_event: OnEvent) -> list[dict]:
+    """chat.ask with Ctrl-C (SIGINT) stopping the reply instead of the program."""
+    stop = threading.Event()
+    with _on_sigint(lambda *_: stop.set()):
+        return chat.ask(text, on_event, stop.is_set)
+
+
+def interactive(chat: ChatSession, banner: str = "", read: Callable[[str], str] = input, out=None) -> int:
     """Read lines and answer them until /exit or the end of input. Returns the exit code (0)."""
     out = out or sys.stdout
     if sys.stdin.isatty():
@@ -143,45 +152,36 @@ def interactive(session: ChatSession, banner: str = "", read: Callable[[str], st
     show = printer(out, out)
     if banner:
         out.write(banner + "\n")
-    if threading.current_thread() is threading.main_thread():
-        # Ctrl-C at the prompt drops the line even when lmforge was started with SIGINT ignored (a background
-        # job of a non-interactive shell inherits that, and Python then never raises KeyboardInterrupt)
-        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-        try:
-            return _loop(session, read, out, show)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-    return _loop(session, read, out, show)
-
-
-def _loop(session: ChatSession, read: Callable[[str], str], out, show: OnEvent) -> int:
-    while True:
-        try:
-            line = clean_text(read("> "), "input")
-        except EOFError:
-            out.write("\n")
-            return 0
-        except KeyboardInterrupt:
-            out.write("^C\n")
-            continue
-        cmd, _, arg = line.strip().partition(" ")
-        if cmd == "/exit":
-            return 0
-        if cmd == "/reset":
-            session.reset()
-            out.write("[conversation cleared]\n")
-        elif cmd == "/system":
-            session.set_system(arg.strip())
-            out.write(f"[system message {'set' if arg.strip() else 'removed'}]\n")
-        elif cmd.startswith("/"):
-            out.write(f"[unknown command {cmd}; commands: {COMMANDS}]\n")
-        elif line.strip():
+    # Python's own handler, so that Ctrl-C at the prompt drops the line even when lmforge was started with SIGINT
+    # ignored (as a background job of a non-interactive shell is): Python then never raises KeyboardInterrupt
+    with _on_sigint(signal.default_int_handler):
+        while True:
             try:
-                ask_interruptibly(session, line, show)
-            except LmforgeError as e:
-                out.write(f"[error: {e}]")
-            out.write("\n")
-        out.flush()
+                line = clean_text(read("> "), "input")
+            except EOFError:
+                out.write("\n")
+                return 0
+            except KeyboardInterrupt:
+                out.write("^C\n")
+                continue
+            cmd, _, arg = line.strip().partition(" ")
+            if cmd == "/exit":
+                return 0
+            if cmd == "/reset":
+                chat.reset()
+                out.write("[conversation cleared]\n")
+            elif cmd == "/system":
+                chat.set_system(arg.strip())
+                out.write(f"[system message {'set' if arg.strip() else 'removed'}]\n")
+            elif cmd.startswith("/"):
+                out.write(f"[unknown command {cmd}; commands: {COMMANDS}]\n")
+            elif line.strip():
+                try:
+                    ask_interruptibly(chat, line, show)
+                except LmforgeError as e:
+                    out.write(f"[error: {e}]")
+                out.write("\n")
+            out.flush()
 
 
 __all__ = ["ChatSession", "printer", "ask_interruptibly", "interactive", "COMMANDS"]

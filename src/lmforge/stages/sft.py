@@ -216,10 +216,11 @@ class SFTTask(Task):
     # -- batches: a pure function of (seed, step, micro) ------------------------------------------------------
     def batch(self, step: int, micro: int):
         g = step * self.grad_accum + micro
-        while len(self._starts) < 2 or g >= self._starts[-1]:    # lay out epochs until one holds batch g
-            self._starts.append(self._starts[-1] + len(self._epoch_batches(len(self._starts) - 1)))
+        while g >= self._starts[-1]:            # lay out epochs in turn until one holds batch g; keep the last
+            self._epoch, self._layout = len(self._starts) - 1, self._epoch_batches(len(self._starts) - 1)
+            self._starts.append(self._starts[-1] + len(self._layout))
         epoch = int(np.searchsorted(self._starts, g, side="right")) - 1
-        if epoch != self._epoch:
+        if epoch != self._epoch:                # an earlier epoch (a step asked again): laid out anew
             self._layout, self._epoch = self._epoch_batches(epoch), epoch
         return collate(self.train_rows, self._layout[g - self._starts[epoch]], self.pad_id, self.device)
 

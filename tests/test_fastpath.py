@@ -122,6 +122,30 @@ def test_native_step_at_larger_sizes_with_two_threads():
         torch.set_num_threads(threads)
 
 
+def test_native_step_runs_on_every_thread_torch_has():
+    """at::parallel_for is an inline template: compiled without OpenMP it runs serially without a word (the
+    native step once used one core of two). The module must fan out to torch's thread count."""
+    from lmforge.infer import native
+    ext = native.load()
+    if ext is None:
+        pytest.skip(native.why_not())
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert ext.parallel_width() == n
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_build_name_is_stable_across_builds():
+    """torch appends to the flag lists it is given; the cache name (which hashes the flags) must not move."""
+    from lmforge.infer import native
+    name = native.module_name()
+    native.load()
+    assert native.module_name() == name
+
+
 def test_native_step_rejects_a_cache_of_the_wrong_shape():
     model = llama()
     with torch.inference_mode():

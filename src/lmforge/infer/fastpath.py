@@ -20,10 +20,12 @@ So the step keeps the residual stream 2-D (B, D) and spends as few ops as it can
 No Python objects are touched per layer beyond a tuple of prepacked tensors.
 
 Native step: when `lmforge.infer.native` builds on this machine (a C++ compiler and ninja; compiled once, cached),
-`step` runs the whole stack in one C++ call instead: the same matmuls through ATen/MKL and plain loops for
-everything between them (the gain is largest for small models, where dispatch dominates, and smaller for large
-ones, where reading the weights does; bench/decode.py measures it). `FastDecoder(model, native=False)` keeps the
-PyTorch ops; `dec.native` says which one runs. Both are tested against the module path.
+`step` runs the whole stack in one C++ call instead: every matmul through a packed-weight kernel that reads each
+weight once for all rows of the step (the packed copy is made on the first step and kept on the model, so it
+costs a second copy of the weights in memory), and plain loops for everything between them (the gain is largest
+for small models, where dispatch dominates, and for batches, where the weights are read once for every row;
+bench/decode.py measures it). `FastDecoder(model, native=False)` keeps the PyTorch ops; `dec.native` says which
+one runs. Both are tested against the module path.
 
 Supported (`supports(cfg)`): RoPE, RMSNorm, SwiGLU, no biases, no qk-norm — Llama/Mistral-style configs; fp32
 weights outside autocast. Anything else stays on the module path. The weights are looked up from the model's
@@ -175,8 +177,7 @@ class FastDecoder:
         if self._native is not None and cache.k.dtype == torch.float32 and cache.k.is_contiguous() \
                 and cache.v.is_contiguous():
             self._table(S)    # positions never exceed the slot index
-            if B > 1:
-                self._use_packed()
+            self._use_packed()
             logits = self._native.step(
                 tokens.reshape(B, 1).long().contiguous(),
                 _NO_POSITIONS if position_ids is None else position_ids.reshape(B).long().contiguous(),
@@ -222,15 +223,14 @@ class FastDecoder:
         if pos + T > cache.max_len or pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence exceeds the cache ({cache.max_len}) or max_seq_len ({self.cfg.max_seq_len})")
         self._table(pos + T)
-        if T * B > 1:
-            self._use_packed()
+        self._use_packed()
         logits = self._native.step(tokens.long().contiguous(), _NO_POSITIONS, _NO_MASK, cache.k, cache.v, pos,
                                    self._cos, self._sin)
         cache.pos = pos + T
         return logits.view(B, T, -1)
 
     def _use_packed(self) -> None:
-        """Hand the C++ step packed copies of the weights for multi-row steps, kept on the model (keyed by the
+        """Hand the C++ step packed copies of the weights, kept on the model (keyed by the
         weights' storage and version) so that decoders built one after another for the same weights -- every
         speculative generation builds one -- pack once, not once each."""
         if self._packed_set:

@@ -31,6 +31,10 @@ SOURCE = Path(__file__).with_name("decode_step.cpp")
 _lock = threading.Lock()
 _state: dict = {}          # "ext": the module or None, "why": the reason it is None
 LOCK_WAIT_S = 120.0        # a build takes about 30 s: a holder past this is stuck (or very slow)
+# -fopenmp matters: at::parallel_for is an inline template that only fans out across threads when the including
+# code is compiled with OpenMP; the runtime it links (libgomp.so.1) resolves to the one torch has already loaded
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 
 
 def enabled() -> bool:
@@ -50,7 +54,7 @@ def _cpu_id() -> str:
 def module_name() -> str:
     h = hashlib.sha1()
     for part in (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_id().encode(), sys.version.encode(),
-                 os.path.realpath(sys.prefix).encode()):
+                 os.path.realpath(sys.prefix).encode(), " ".join(CFLAGS + LDFLAGS).encode()):
         h.update(part)
     return f"lmforge_decode_{h.hexdigest()[:12]}"
 
@@ -96,7 +100,7 @@ def build(verbose: bool = False, lock_timeout: float = LOCK_WAIT_S):
                 print("lmforge: compiling the native decode step for this machine (once, about 30 s)...",
                       file=sys.stderr, flush=True)
             ext = cpp_extension.load(name=name, sources=[str(SOURCE)], verbose=verbose,
-                                     extra_cflags=["-O3", "-march=native", "-fopenmp-simd"])
+                                     extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS))  # torch appends to them
         finally:
             if where is not None:
                 release_build_lock(where)

@@ -2,11 +2,11 @@
 // grouped-query attention, no biases), fp32 on CPU. Built on first use by lmforge/infer/native.py.
 //
 // Why C++: at batch 1 a small model's decode step is about 25 tensor calls per layer from Python, and each costs
-// microseconds of dispatch, which is more than the arithmetic. Here single-row matmuls stay ATen/MKL calls (they
-// are memory-bound and MKL's GEMV streams the weights well), multi-row ones (batches, speculative verification) go
-// through a packed-panel kernel that reads each weight once for all rows, and everything between them -- RMSNorm, RoPE, the cache write,
-// single-query attention, SiLU*up -- is a plain loop over a few hundred floats. The math is the same as
-// Transformer.forward (and lmforge.infer.fastpath): tests compare the logits to 1e-5.
+// microseconds of dispatch, which is more than the arithmetic. Here every matmul goes through a packed-panel
+// kernel that reads each weight once for all rows of the step (one row at batch 1, several for batches and
+// speculative verification), and everything between them -- RMSNorm, RoPE, the cache write, attention, SiLU*up --
+// is a plain loop over a few hundred floats. The math is the same as Transformer.forward (and
+// lmforge.infer.fastpath): tests compare the logits to 1e-5.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/utils/pybind.h>
@@ -45,9 +45,13 @@ inline void rope_head(const float* x, const float* cos, const float* sin, float 
 // A decode step multiplies a few rows (batch rows, or the K+1 positions of a speculative verify) by every weight
 // matrix. MKL's sgemm at 2-16 rows is several times slower than its single-row GEMV here, so a batch-8 step cost
 // nearly 8 batch-1 steps. This kernel reads each weight once per step for all rows: weights are repacked into
-// panels of 16 output columns, (P, K, 16) contiguous (zero-padded), so a panel streams sequentially, and for each
-// group of up to 4 rows the 4x16 block of outputs lives in 8 AVX registers while k runs over the panel.
+// panels of 16 output columns, (P, K, 16) contiguous (zero-padded), so a panel streams sequentially from memory.
+// Rows go in groups of up to 6: a 6x16 block of outputs is 12 AVX registers, which leaves room for the two weight
+// vectors and the broadcast row value (16 in all), and each k costs 2 weight loads + 6 broadcasts for 12 FMAs.
+// The first group of a panel streams it from DRAM (software prefetch ahead of the hardware's); later groups of
+// the same panel find it in L1/L2.
 constexpr int64_t PANEL = 16;
+constexpr int64_t PREFETCH_K = 64;                        // rows of the panel ahead (64 x 64 B = 4 KiB)
 
 at::Tensor pack_panels(const at::Tensor& w) {              // w: (K, N), the (in, out) operand, any strides
   const int64_t K = w.size(0), N = w.size(1), P = (N + PANEL - 1) / PANEL;
@@ -63,44 +67,34 @@ at::Tensor pack_panels(const at::Tensor& w) {              // w: (K, N), the (in
 // rows [0, R) of x (row stride ldx) times one panel -> columns [0, ncols) of out (row stride ldo); acc: out +=
 template <int R>
 inline void panel_kernel(const float* x, int64_t ldx, const float* wp, int64_t K, float* out, int64_t ldo,
-                         int64_t ncols, bool acc) {
+                         int64_t ncols, bool acc, bool prefetch) {
   float res[R][PANEL];
 #if defined(__AVX2__) && defined(__FMA__)
-  constexpr int U = R <= 2 ? 2 : 1;                        // few rows: two k-chains hide the FMA latency
-  __m256 c[U][R][2];
-  for (int u = 0; u < U; ++u)
-    for (int r = 0; r < R; ++r) c[u][r][0] = c[u][r][1] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + U <= K; k += U) {
-    for (int u = 0; u < U; ++u) {
-      const float* w = wp + (k + u) * PANEL;
-      const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
-      for (int r = 0; r < R; ++r) {
-        const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k + u);
-        c[u][r][0] = _mm256_fmadd_ps(xb, w0, c[u][r][0]);
-        c[u][r][1] = _mm256_fmadd_ps(xb, w1, c[u][r][1]);
-      }
-    }
-  }
-  for (; k < K; ++k) {
+  __m256 c[R][2];
+  for (int r = 0; r < R; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();
+  auto body = [&](int64_t k) {
     const float* w = wp + k * PANEL;
     const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
     for (int r = 0; r < R; ++r) {
       const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
-      c[0][r][0] = _mm256_fmadd_ps(xb, w0, c[0][r][0]);
-      c[0][r][1] = _mm256_fmadd_ps(xb, w1, c[0][r][1]);
+      c[r][0] = _mm256_fmadd_ps(xb, w0, c[r][0]);
+      c[r][1] = _mm256_fmadd_ps(xb, w1, c[r][1]);
     }
+  };
+  if (prefetch) {
+    for (int64_t k = 0; k < K; ++k) {
+      _mm_prefetch((const char*)(wp + (k + PREFETCH_K) * PANEL), _MM_HINT_T0);
+      body(k);
+    }
+  } else {
+    for (int64_t k = 0; k < K; ++k) body(k);
   }
   for (int r = 0; r < R; ++r) {
-    __m256 a0 = c[0][r][0], a1 = c[0][r][1];
-    for (int u = 1; u < U; ++u) {
-      a0 = _mm256_add_ps(a0, c[u][r][0]);
-      a1 = _mm256_add_ps(a1, c[u][r][1]);
-    }
-    _mm256_storeu_ps(res[r], a0);
-    _mm256_storeu_ps(res[r] + 8, a1);
+    _mm256_storeu_ps(res[r], c[r][0]);
+    _mm256_storeu_ps(res[r] + 8, c[r][1]);
   }
 #else
+  (void)prefetch;
   for (int r = 0; r < R; ++r) std::fill(res[r], res[r] + PANEL, 0.0f);
   for (int64_t k = 0; k < K; ++k) {
     const float* w = wp + k * PANEL;
@@ -136,11 +130,14 @@ void packed_mm(const at::Tensor& x, const at::Tensor& packed, int64_t N, at::Ten
       const float* w = wp + p * K * PANEL;
       const int64_t n0 = p * PANEL, nc = std::min(PANEL, N - n0);
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) panel_kernel<4>(xp + m * K, K, w, K, op + m * N + n0, N, nc, acc);
+      for (; m + 6 <= M; m += 6) panel_kernel<6>(xp + m * K, K, w, K, op + m * N + n0, N, nc, acc, m == 0);
+      const bool first = m == 0;
       switch (M - m) {
-        case 3: panel_kernel<3>(xp + m * K, K, w, K, op + m * N + n0, N, nc, acc); break;
-        case 2: panel_kernel<2>(xp + m * K, K, w, K, op + m * N + n0, N, nc, acc); break;
-        case 1: panel_kernel<1>(xp + m * K, K, w, K, op + m * N + n0, N, nc, acc); break;
+        case 5: panel_kernel<5>(xp + m * K, K, w, K, op + m * N + n0, N, nc, acc, first); break;
+        case 4: panel_kernel<4>(xp + m * K, K, w, K, op + m * N + n0, N, nc, acc, first); break;
+        case 3: panel_kernel<3>(xp + m * K, K, w, K, op + m * N + n0, N, nc, acc, first); break;
+        case 2: panel_kernel<2>(xp + m * K, K, w, K, op + m * N + n0, N, nc, acc, first); break;
+        case 1: panel_kernel<1>(xp + m * K, K, w, K, op + m * N + n0, N, nc, acc, first); break;
         default: break;
       }
     }
@@ -158,8 +155,9 @@ at::Tensor packed_mm_py(at::Tensor x, at::Tensor packed, int64_t N, c10::optiona
 class NativeDecoder {
  public:
   // layers: 6 tensors per layer: attn_norm (D), W_qkv (D, (H+2Hkv)hd), W_o (H hd, D), ffn_norm (D),
-  // W_gate_up (D, 2F), W_down (F, D); every W is the (in, out) operand of x @ W (any strides at::mm takes).
-  // Single-row steps use them through MKL (its GEMV streams them well); steps of 2+ rows use packed copies.
+  // W_gate_up (D, 2F), W_down (F, D); every W is the (in, out) operand of x @ W (any strides). Steps multiply
+  // by packed copies of them (pack_panels; MKL's GEMV streams a large matrix more slowly than the packed kernel
+  // at one row, and its small-M sgemm is several times slower at 2-16 rows).
   NativeDecoder(at::Tensor emb, std::vector<at::Tensor> layers, at::Tensor norm_w, at::Tensor head, int64_t n_head,
                 int64_t n_kv_heads, int64_t head_dim, double eps)
       : emb_(emb), layers_(std::move(layers)), norm_w_(norm_w), head_(head), H_(n_head), Hkv_(n_kv_heads),
@@ -184,8 +182,7 @@ class NativeDecoder {
     packed_head_ = head;
   }
 
-  // Packs the weights for multi-row steps (a second copy of them; built on the first multi-row step, so a
-  // batch-1-only user never pays its memory).
+  // Packs the weights (a second copy of them) unless set_packed handed them over.
   void ensure_packed() {
     if (!packed_.empty()) return;
     for (int64_t l = 0; l < L_; ++l)
@@ -228,8 +225,7 @@ class NativeDecoder {
     }
     const bool* mk = masked ? mask.data_ptr<bool>() : nullptr;
     const int64_t mstride = masked ? mask.stride(0) : 0;
-    const bool multi = M > 1;
-    if (multi) ensure_packed();
+    ensure_packed();
 
     auto opts = emb_.options();
     at::Tensor x = at::empty({M, D}, opts), xn = at::empty({M, D}, opts);
@@ -238,15 +234,10 @@ class NativeDecoder {
     float* xp = x.data_ptr<float>();
     const float* ep = emb_.data_ptr<float>();
     for (int64_t m = 0; m < M; ++m) std::copy(ep + tok[m] * D, ep + (tok[m] + 1) * D, xp + m * D);
-    // out (=|+=) in @ W_i of layer l: MKL for one row, the packed kernel for several
+    // out (=|+=) in @ W_i of layer l
     auto matmul = [&](at::Tensor& out, const at::Tensor& in, int64_t l, int i, bool acc) {
-      if (!multi) {
-        if (acc) at::addmm_out(out, out, in, layers_[6 * l + i]);
-        else at::mm_out(out, in, layers_[6 * l + i]);
-      } else {
-        const int slot = i == 1 ? 0 : i == 2 ? 1 : i == 4 ? 2 : 3;
-        packed_mm(in, packed_[4 * l + slot], out.size(1), out, acc);
-      }
+      const int slot = i == 1 ? 0 : i == 2 ? 1 : i == 4 ? 2 : 3;
+      packed_mm(in, packed_[4 * l + slot], out.size(1), out, acc);
     };
 
     float* kc = K.data_ptr<float>();
@@ -333,7 +324,6 @@ class NativeDecoder {
       matmul(x, hbuf, l, 5, true);
     }
     rms_norm(xp, norm_w_.data_ptr<float>(), xn.data_ptr<float>(), M, D, eps_);
-    if (!multi) return at::mm(xn, head_);
     at::Tensor logits = at::empty({M, head_.size(1)}, opts);
     packed_mm(xn, packed_head_, head_.size(1), logits, false);
     return logits;
@@ -376,7 +366,18 @@ at::Tensor argmax_rows(at::Tensor logits, int64_t n) {
   return out;
 }
 
+// How many threads one at::parallel_for of this module fans out to (at::get_num_threads() when it was compiled
+// with OpenMP; 1 when it was not: the inline template then runs serially, silently).
+int64_t parallel_width() {
+  std::vector<int> seen(std::max(at::get_num_threads(), 1) + 1, 0);
+  at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) { seen[std::min<int64_t>(at::get_thread_num(), seen.size() - 1)] = 1; });
+  int64_t n = 0;
+  for (int v : seen) n += v;
+  return n;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("parallel_width", &parallel_width);
   m.def("argmax_rows", &argmax_rows);
   m.def("pack_panels", &pack_panels);
   m.def("packed_mm", &packed_mm_py, pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("n"),

@@ -1,12 +1,14 @@
 """Speculative decoding: tokens/s with and without it, and the acceptance rate, on models trained on the KJV.
 
-    python bench/speculative.py                       # trains a tokenizer, a target and a draft first (~10 min on 2 cores)
+    python bench/speculative.py                       # trains a tokenizer, a target and a draft first
     python bench/speculative.py --out runs/specbench  # keep them; later runs: --checkpoint/--draft-checkpoint
 
 Without --checkpoint it trains a BPE tokenizer (vocab 8192) on the KJV and a target of the ≈125 M decode-bench body
-(d768, 12 layers, GQA 12/4, SwiGLU 2048; ≈88 M parameters with this vocabulary) for --train-steps with lmforge's
-trainer; without --draft-checkpoint a draft of the ≈9 M body (d256, 6 layers, GQA 8/4) with the target's tokenizer
-for --draft-steps. Then, for each prompt:
+(d768, 12 layers, GQA 12/4, SwiGLU 2048; ≈82 M parameters with this vocabulary) for --train-steps with lmforge's
+trainer, on rows of 512 tokens (every position the bench decodes has been trained); without --draft-checkpoint a
+draft of the ≈9 M body (d256, 6 layers, GQA 8/4) with the target's tokenizer for --draft-steps, distilled from the
+target (0.9 KL to the target's next-token distributions + 0.1 cross-entropy: a draft is only as useful as its
+agreement with the target; --no-distill trains it on the text alone). Then, for each prompt:
   plain     generate()
   lookup    prompt lookup (no draft), n-gram 3, adaptive K starting at --lookahead
   draft     the draft model proposes, adaptive K
@@ -39,6 +41,8 @@ from lmforge.infer.speculative import check_draft, speculative_generate
 
 TARGET = dict(d_model=768, n_layer=12, n_head=12, n_kv_heads=4, d_ff=2048, max_seq_len=512)   # ≈125 M body
 DRAFT = dict(d_model=256, n_layer=6, n_head=8, n_kv_heads=4, d_ff=688)                        # ≈9 M body
+SEQ_LEN, BATCH = 512, 1          # training rows: prompt + continuation fit in one
+DISTILL_ALPHA = 0.9              # the draft's loss: 0.9 KL(target || draft) + 0.1 next-token cross-entropy
 
 
 def kjv_tokens(tok) -> np.ndarray:
@@ -47,20 +51,25 @@ def kjv_tokens(tok) -> np.ndarray:
     return np.concatenate([np.asarray(t, dtype=np.uint16) for t in tok.encode_batch(docs, bos=True)])
 
 
-def train_model(name: str, tok, ids: np.ndarray, steps: int, size: dict, out: Path, threads: int) -> Path:
-    """Train a model on the KJV token stream with lmforge's trainer for `steps`; its checkpoint directory."""
+def train_model(name: str, tok, ids: np.ndarray, steps: int, size: dict, out: Path, threads: int,
+                teacher=None) -> Path:
+    """Train a model on the KJV token stream with lmforge's trainer for `steps` (with `teacher`: distilled from it,
+    its next-token distributions as targets, so the draft learns to agree with the target); its checkpoint."""
     from lmforge.eval.bpb import token_byte_lengths
     from lmforge.model.config import ModelConfig
     from lmforge.model.transformer import Transformer
+    from lmforge.stages.distill import DistillTask
     from lmforge.stages.pretrain import PretrainTask
     from lmforge.train.trainer import CheckpointSpec, TrainConfig, train
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tok.vocab_size, **size)
-    seq = min(cfg.max_seq_len, 64)      # short rows: a ≈125 M-body model takes seconds per step on a CPU
     split = int(len(ids) * 0.98)
-    task = PretrainTask(ids[:split], ids[split:], seq_len=seq, batch_size=4, bos_id=tok.bos_id,
-                        token_bytes=token_byte_lengths(tok), eval_tokens=8192)
+    # rows as long as the prompts plus their continuations, so every position the bench decodes was trained
+    data = dict(seq_len=min(cfg.max_seq_len, SEQ_LEN), batch_size=BATCH, bos_id=tok.bos_id,
+                token_bytes=token_byte_lengths(tok), eval_tokens=8192)
+    task = (PretrainTask(ids[:split], ids[split:], **data) if teacher is None else
+            DistillTask(teacher, ids[:split], ids[split:], alpha=DISTILL_ALPHA, **data))
     # AdamW: Muon's Newton-Schulz iterations cost ~1 TFLOP a step on the ≈125 M body, whatever the batch
     tcfg = TrainConfig(out_dir=str(out / name), max_steps=steps, optimizer="adamw", lr=1e-3,
                        warmup_steps=10, log_every=20, threads=threads)
@@ -93,6 +102,7 @@ def main() -> None:
     ap.add_argument("--out", help="keep the trained checkpoints here (default: a temporary directory)")
     ap.add_argument("--train-steps", type=int, default=100)
     ap.add_argument("--draft-steps", type=int, default=300)
+    ap.add_argument("--no-distill", action="store_true", help="train the draft on the text alone")
     ap.add_argument("--lookahead", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
@@ -117,7 +127,8 @@ def main() -> None:
     if draft_dir is None and args.draft_steps > 0:  # a draft for the target's tokenizer and context
         size = {**DRAFT, "max_seq_len": model.config.max_seq_len}
         ids = kjv_tokens(tok) if ids is None else ids
-        draft_dir = train_model("draft", tok, ids, args.draft_steps, size, out, args.threads)
+        teacher = None if args.no_distill else model
+        draft_dir = train_model("draft", tok, ids, args.draft_steps, size, out, args.threads, teacher=teacher)
     draft = None
     if draft_dir:
         draft, draft_tok = load(draft_dir, device="cpu")
@@ -156,6 +167,8 @@ def main() -> None:
                 per = f"{st.tokens_per_step:8.2f}" if st else f"{'':8}"
                 print(f"{pname:10} {mode:8} {m:7} {len(r.token_ids):4} {tps:8.1f} {tps / base:7.2f}x {acc} {per}  "
                       f"{same}")
+            # what was decoded: weakly trained models repeat themselves, which is what speculation feeds on
+            print(f"{'':10} {mode} output: {results['plain'].text[:90]!r}")
     tmp.cleanup()
 
 

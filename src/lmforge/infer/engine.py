@@ -224,8 +224,7 @@ class Engine:
             raise ConfigError(f"needs {p.n} x ({len(req.prompt_ids)} prompt + {req.budget} new) = {p.n * kv} KV "
                               f"tokens, more than the engine's max_kv_tokens={self.max_kv_tokens}: lower max_tokens "
                               f"or n", field="max_tokens")
-        fast = p.greedy and not (p.logit_bias or p.min_tokens or p.repetition_penalty != 1.0 or p.presence_penalty
-                                 or p.frequency_penalty or p.logprobs is not None) and g is None
+        fast = p.argmax_only and p.logprobs is None and g is None
         rows = [_Row(request_id, c, dataclasses.replace(req, choice=c), set(req.eos) | set(p.stop_token_ids),
                      one.make_generator(self.device, offset=c), Detokenizer(self.tokenizer, p.stop),
                      g.matcher() if g is not None else None, fast=fast, kv_tokens=kv) for c in range(p.n)]

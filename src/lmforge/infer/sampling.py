@@ -120,6 +120,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def argmax_only(self) -> bool:
+        """Greedy with nothing that reshapes the logits (bias, min_tokens, penalties): the next token is the
+        argmax of the raw logits, and process_logits can be skipped (logprobs still need it)."""
+        return self.greedy and not (self.logit_bias or self.min_tokens or self.repetition_penalty != 1.0
+                                    or self.presence_penalty or self.frequency_penalty)
+
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids and logprobs count must fit the model's vocabulary (known only once a model is loaded)."""
         for name, ids in (("logit_bias", list(self.logit_bias or {})), ("stop_token_ids", self.stop_token_ids)):

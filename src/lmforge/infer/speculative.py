@@ -191,6 +191,13 @@ class _Draft:
         params, req = self.req.params, self.req
         feed = seq[self.cache.pos:]
         props, qs = [], []
+        if params.argmax_only and params.logprobs is None and self.fast is not None:   # the draft's argmax
+            for _ in range(k):
+                t = int(self.fast.argmax(self.forward(feed)[None], req.vocab)[0])
+                stats.draft_forwards += 1
+                props.append(t)
+                feed = [t]
+            return props, None
         for _ in range(k):
             raw = self.forward(feed)[None, :req.vocab].float()  # a model may pad its vocabulary; padding is no token
             stats.draft_forwards += 1
@@ -245,6 +252,8 @@ def _spec_decode(model, tokenizer, req: Request, draft_model, lookahead: int, ng
     cache = model.new_kv_cache(1, max_len=max_len)
     draft = _Draft(draft_model, req, max_len) if draft_model is not None else None
     seq = list(prompt_ids)   # prompt + output; the target's cache holds all of it but the last token
+    # plain greedy (no logprobs to report): accept by comparing argmaxes, which is what verify() reduces to
+    argmax_only = params.argmax_only and params.logprobs is None
     out_ids: list[int] = []
 
     models = [model] + ([draft_model] if draft_model is not None else [])
@@ -274,14 +283,18 @@ def _spec_decode(model, tokenizer, req: Request, draft_model, lookahead: int, ng
                 # 2. one target pass over [last token, d_1..d_K]: logits for K+1 positions
                 raw = forward_tokens(model, fast, [seq[-1]] + proposal, cache, device)[:, :req.vocab].float()
                 stats.target_forwards += 1                # [K+1, vocab]: draft and target may pad differently
-                # position i follows d_1..d_{i-1}: penalties and min_tokens must see them as output
-                processed = process_logits(raw, params, [prompt_ids] * (K + 1),
-                                           [out_ids + proposal[:i] for i in range(K + 1)], eos_token_ids=req.eos)
-
                 # 3. accept/reject
-                n, nxt = verify(processed.unsqueeze(0), torch.tensor([proposal], dtype=torch.long, device=device),
-                                None if q is None else q.to(device).unsqueeze(0), gen)
-                n, nxt = int(n[0]), int(nxt[0])
+                if argmax_only:                           # keep the proposals that are the target's argmax
+                    best = (fast.argmax(raw, req.vocab) if fast is not None else raw.argmax(dim=-1)).tolist()
+                    n = next((i for i in range(K) if proposal[i] != best[i]), K)
+                    nxt = best[n]
+                else:
+                    # position i follows d_1..d_{i-1}: penalties and min_tokens must see them as output
+                    processed = process_logits(raw, params, [prompt_ids] * (K + 1),
+                                               [out_ids + proposal[:i] for i in range(K + 1)], eos_token_ids=req.eos)
+                    n, nxt = verify(processed.unsqueeze(0), torch.tensor([proposal], dtype=torch.long, device=device),
+                                    None if q is None else q.to(device).unsqueeze(0), gen)
+                    n, nxt = int(n[0]), int(nxt[0])
                 if adaptive and K:                         # all accepted: propose more; a rejection: fewer
                     lookahead = min(lookahead + 2, max_lookahead) if n == K else max(1, lookahead - 1)
                 stats.steps += 1

@@ -74,7 +74,7 @@ def timed(fns, repeats: int):
 def breakdown(model, B: int, reps: int = 20) -> tuple[float, float] | None:
     """(native step ms, of which matmuls ms) for B rows at position PROMPT_LEN + NEW_TOKENS / 2, or None when the
     C++ step does not run. The matmuls are timed alone on the same weight shapes and the same kernels the step uses
-    (MKL for one row, the packed-panel kernel for several)."""
+    (the packed-panel kernel, on the step's own packed weights)."""
     from lmforge.infer import native
     from lmforge.infer.fastpath import FastDecoder
     ext = native.load()
@@ -99,18 +99,15 @@ def breakdown(model, B: int, reps: int = 20) -> tuple[float, float] | None:
         def step():
             cache.pos = pos
             dec.step(toks, cache)
+        step()                                           # packs the weights (kept on the model)
         mats = [w for lay in dec.layers for w in (lay[1], lay[2], lay[4], lay[5])] + [dec.head]
+        packed = model.__dict__["_native_packed"][1]     # the very copies the step multiplies by
         xs = [torch.randn(B, w.size(0)) for w in mats]
-        if B == 1:
-            def mm():
-                for x, w in zip(xs, mats):
-                    torch.mm(x, w)
-        else:
-            packed = [ext.pack_panels(w) for w in mats]
+        outs = [torch.empty(B, w.size(1)) for w in mats]
 
-            def mm():
-                for x, w, pk in zip(xs, mats, packed):
-                    ext.packed_mm(x, pk, w.size(1))
+        def mm():
+            for x, w, pk, o in zip(xs, mats, packed, outs):
+                ext.packed_mm(x, pk, w.size(1), o)
         return median_ms(step), median_ms(mm)
 
 

@@ -10,8 +10,8 @@ loss is a 20-batch estimate).
 Equal training time: lmforge trains for --seconds; then nanoGPT, at each shape of --nanogpt-shapes (its README CPU
 recipe 4 layers x 128 wide, and 6 x 256), first runs a short calibration to measure its iteration rate on this
 machine, then trains with max_iters (= lr_decay_iters) sized so its training (from its first iteration to its exit,
-its periodic evals and saves included) takes lmforge's training time; a run off by more than 5% is redone once
-with corrected iterations. Both wall times are printed next to the bits/byte.
+its periodic evals and saves included) takes lmforge's training time; a run off by more than 5% is redone with
+rescaled iterations (up to 3 times). Both wall times are printed next to the bits/byte.
     python bench/time_to_quality.py --skip-peer                    # ours only
 
 Tokenizer training and data preparation are timed and reported separately from training.
@@ -43,6 +43,7 @@ NANOGPT_BASE = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=F
 NANOGPT_SHAPES = {"4x128": ["--n_layer=4", "--n_head=4", "--n_embd=128"],
                   "6x256": ["--n_layer=6", "--n_head=8", "--n_embd=256"]}
 CALIBRATION_ITERS = 60
+MAX_CORRECTIONS = 3
 
 
 def kjv_split():
@@ -92,8 +93,10 @@ def run_nanogpt(repo: Path, train_text: str, val_text: str, work: Path, shape: s
     iters = max(1, int(budget / per_iter))
     out_dir = work / f"nanogpt-{shape}"
     wall, _ = _nanogpt_train(repo, shape, iters, out_dir)
-    if abs(wall / budget - 1) > 0.05:                  # evals and saves cost more than guessed: one correction
-        iters = max(1, int(iters * budget / wall))
+    for _ in range(MAX_CORRECTIONS):                   # evals, saves and a drifting machine: rescale and rerun
+        if abs(wall / budget - 1) <= 0.05:
+            break
+        iters = max(1, round(iters * budget / wall))
         wall, _ = _nanogpt_train(repo, shape, iters, out_dir)
     # re-score its checkpoint over the whole val split with its own model code
     sys.path.insert(0, str(repo))
@@ -175,16 +178,18 @@ def main():
     ap.add_argument("--seconds", type=float, default=175.0, help="our training budget (wall-clock, s)")
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--preset", default="cpu-small")
-    ap.add_argument("--model", default='{"d_model": 256, "n_head": 4}',
-                    help='JSON ModelConfig overrides of the preset (default: d_model 256, 4 heads)')
+    # chosen by measuring on a 2-core AVX2 CPU in fp32 (README): within the budget a narrow model that sees more
+    # text beats a wide one that sees less, and the AdamW rate of the tied embedding matters most
+    ap.add_argument("--model", default='{"d_model": 96, "n_head": 2, "n_kv_heads": 1}',
+                    help='JSON ModelConfig overrides of the preset (default: d_model 96, 2 heads, 1 KV head)')
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--optimizer", default="muon", choices=["muon", "adamw"])
-    ap.add_argument("--muon-lr", type=float, default=0.02)
+    ap.add_argument("--muon-lr", type=float, default=0.03)
     ap.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "wsd", "constant"])
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=0.01, help="AdamW rate: embeddings, norms")
+    ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()

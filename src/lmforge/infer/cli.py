@@ -319,7 +319,7 @@ def chat_arguments(p) -> None:
                    help="comma-separated built-in tools the model may call (see: lmforge tool list)")
     p.add_argument("--system", default=None, metavar="TEXT", help="system message")
     p.add_argument("--message", default=None, metavar="TEXT",
-                   help="send this one message, print the answer and exit (no interactive session)")
+                   help="send this one message, print the answer and exit (no interactive loop)")
     p.add_argument("--max-tool-rounds", type=nonneg_int, default=4, metavar="N",
                    help="most rounds of tool calls in one answer (default 4)")
     p.add_argument("--tool-choice", default="auto", choices=["auto", "required", "none"],
@@ -346,17 +346,17 @@ def cmd_chat(args) -> int:
     path = args.checkpoint if is_hf_dir(args.checkpoint) else checkpoint.resolve(args.checkpoint)
     params = sampling_params(args, path)
     model, tokenizer = lmforge.load(path, device=args.device)
-    session = ChatSession(Engine(model, tokenizer, precision=args.precision), tokenizer, params, tools,
-                          system=args.system, max_tool_rounds=args.max_tool_rounds, tool_choice=args.tool_choice)
+    chat = ChatSession(Engine(model, tokenizer, precision=args.precision), tokenizer, params, tools,
+                       system=args.system, max_tool_rounds=args.max_tool_rounds, tool_choice=args.tool_choice)
     if args.message is not None:   # one turn: the answer on stdout, tool calls and notes on stderr
-        session.ask(args.message, printer(sys.stdout, sys.stderr))
+        chat.ask(args.message, printer(sys.stdout, sys.stderr))
         sys.stdout.write("\n")
         sys.stdout.flush()
         return 0
-    names = ", ".join(t.name for t in session.tools)
-    banner = (f"lmforge chat: {args.checkpoint} ({session.context} tokens of context"
+    names = ", ".join(t.name for t in chat.tools)
+    banner = (f"lmforge chat: {args.checkpoint} ({chat.context} tokens of context"
               f"{'; tools: ' + names if names else ''}). Commands: {COMMANDS}. Ctrl-C stops an answer.")
-    return interactive(session, banner)
+    return interactive(chat, banner)
 
 
 def tool_run_arguments(p) -> None:

@@ -230,8 +230,8 @@ class FastDecoder:
         return logits.view(B, T, -1)
 
     def _use_packed(self) -> None:
-        """Hand the C++ step packed copies of the weights, kept on the model (keyed by the
-        weights' storage and version) so that decoders built one after another for the same weights -- every
+        """Hand the C++ step packed copies of the weights, kept on the model (keyed by the weights' storage and
+        version) so that decoders built one after another for the same weights -- every engine run and every
         speculative generation builds one -- pack once, not once each."""
         if self._packed_set:
             return

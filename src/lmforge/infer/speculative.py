@@ -191,9 +191,9 @@ class _Draft:
         params, req = self.req.params, self.req
         feed = seq[self.cache.pos:]
         props, qs = [], []
-        if params.argmax_only and params.logprobs is None and self.fast is not None:   # the draft's argmax
+        if params.argmax_only:   # plain greedy: the draft's argmax, no logit processing
             for _ in range(k):
-                t = int(self.fast.argmax(self.forward(feed)[None], req.vocab)[0])
+                t = int(argmax(self.fast, self.forward(feed)[None], req.vocab)[0])
                 stats.draft_forwards += 1
                 props.append(t)
                 feed = [t]
@@ -223,6 +223,11 @@ def fast_decoder(model):
         return None
     dec = fastpath.FastDecoder(model)
     return dec if dec.native else None
+
+
+def argmax(fast, logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """logits[:, :vocab].argmax(-1), through the fast path's native argmax when there is one."""
+    return fast.argmax(logits, vocab) if fast is not None else logits[:, :vocab].argmax(dim=-1)
 
 
 def forward_tokens(model, fast, tokens: list[int], cache, device) -> torch.Tensor:
@@ -285,7 +290,7 @@ def _spec_decode(model, tokenizer, req: Request, draft_model, lookahead: int, ng
                 stats.target_forwards += 1                # [K+1, vocab]: draft and target may pad differently
                 # 3. accept/reject
                 if argmax_only:                           # keep the proposals that are the target's argmax
-                    best = (fast.argmax(raw, req.vocab) if fast is not None else raw.argmax(dim=-1)).tolist()
+                    best = argmax(fast, raw, req.vocab).tolist()
                     n = next((i for i in range(K) if proposal[i] != best[i]), K)
                     nxt = best[n]
                 else:

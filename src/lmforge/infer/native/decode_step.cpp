@@ -43,9 +43,10 @@ inline void rope_head(const float* x, const float* cos, const float* sin, float 
 
 // ---- small-M matmul on packed weights -----------------------------------------------------------------------
 // A decode step multiplies a few rows (batch rows, or the K+1 positions of a speculative verify) by every weight
-// matrix. MKL's sgemm at 2-16 rows is several times slower than its single-row GEMV here, so a batch-8 step cost
-// nearly 8 batch-1 steps. This kernel reads each weight once per step for all rows: weights are repacked into
-// panels of 16 output columns, (P, K, 16) contiguous (zero-padded), so a panel streams sequentially from memory.
+// matrix. MKL's sgemm at 2-16 rows is barely faster here than one GEMV per row, and its GEMV streams a large
+// matrix more slowly than this kernel at one row. This kernel reads each weight once per step for all rows:
+// weights are repacked into panels of 16 output columns, (P, K, 16) contiguous (zero-padded), so a panel streams
+// sequentially from memory.
 // Rows go in groups of up to 6: a 6x16 block of outputs is 12 AVX registers, which leaves room for the two weight
 // vectors and the broadcast row value (16 in all), and each k costs 2 weight loads + 6 broadcasts for 12 FMAs.
 // The first group of a panel streams it from DRAM (software prefetch ahead of the hardware's); later groups of
@@ -156,8 +157,7 @@ class NativeDecoder {
  public:
   // layers: 6 tensors per layer: attn_norm (D), W_qkv (D, (H+2Hkv)hd), W_o (H hd, D), ffn_norm (D),
   // W_gate_up (D, 2F), W_down (F, D); every W is the (in, out) operand of x @ W (any strides). Steps multiply
-  // by packed copies of them (pack_panels; MKL's GEMV streams a large matrix more slowly than the packed kernel
-  // at one row, and its small-M sgemm is several times slower at 2-16 rows).
+  // by packed copies of them (pack_panels).
   NativeDecoder(at::Tensor emb, std::vector<at::Tensor> layers, at::Tensor norm_w, at::Tensor head, int64_t n_head,
                 int64_t n_kv_heads, int64_t head_dim, double eps)
       : emb_(emb), layers_(std::move(layers)), norm_w_(norm_w), head_(head), H_(n_head), Hkv_(n_kv_heads),
@@ -370,7 +370,9 @@ at::Tensor argmax_rows(at::Tensor logits, int64_t n) {
 // with OpenMP; 1 when it was not: the inline template then runs serially, silently).
 int64_t parallel_width() {
   std::vector<int> seen(std::max(at::get_num_threads(), 1) + 1, 0);
-  at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) { seen[std::min<int64_t>(at::get_thread_num(), seen.size() - 1)] = 1; });
+  at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) {
+    seen[std::min<int64_t>(at::get_thread_num(), seen.size() - 1)] = 1;
+  });
   int64_t n = 0;
   for (int v : seen) n += v;
   return n;

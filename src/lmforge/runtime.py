@@ -95,6 +95,25 @@ def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
 _PEAK_CACHE: dict = {}
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the OS (CPU training).
+
+    By default glibc serves large blocks (up to 32 MB) with mmap and unmaps them on free; a training step frees
+    and re-allocates the same activations every step, so each step page-faults all of them in again, and on a
+    small CPU that costs as much as the arithmetic. Serving every block from the heap and never trimming it
+    makes later steps reuse pages already mapped. Process-wide, and a no-op off glibc; True when applied."""
+    import ctypes
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        m_trim_threshold, m_mmap_max = -1, -4       # <malloc.h>
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
 def measured_peak_flops(device: torch.device, precision: str) -> float:
     """Matmul FLOP/s measured here and now (MFU is relative to what this machine really does)."""
     key = (str(device), precision)

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.model.config import ModelConfig
+from lmforge.model.loss import linear_cross_entropy
 
 # grouped-query attention inside SDPA (no K/V copies) arrived in torch 2.5
 SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -446,7 +447,8 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attn_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, return_attn: bool = False,
-                loss_mask: torch.Tensor | None = None, reduction: str = "mean", logits_to_keep: int = 0):
+                loss_mask: torch.Tensor | None = None, reduction: str = "mean", logits_to_keep: int = 0,
+                return_logits: bool = True):
         """Run the model on token ids `idx` (B, T).
 
         targets:      (B, T) next-token ids, -1 = ignored. Gives `loss` (cross-entropy in fp32).
@@ -461,6 +463,8 @@ class Transformer(nn.Module):
         kv_cache:     a KVCache; this call fills slots [cache.pos, cache.pos + T) and advances cache.pos.
         return_attn:  also return a list of per-layer attention weights (B, H, T, S), computed explicitly.
         logits_to_keep: 0 = logits for every position; k > 0 = only the last k (inference needs the last one).
+        return_logits: False (with targets, reduction 'mean' or 'sum') fuses the head with the loss in row chunks
+                      (model/loss.py): the same loss and gradients without a (B, T, vocab) tensor; logits is None.
         Returns (logits, loss) — loss None without targets — or (logits, loss, attentions) with return_attn.
         """
         cfg = self.config
@@ -507,6 +511,9 @@ class Transformer(nn.Module):
             infer = not (torch.is_grad_enabled() or self.training)
             logits = inference_linear(self, ("lm_head",), x) if infer else self.lm_head(x)
             loss = None
+        elif not return_logits and reduction != "none" and type(self.lm_head) is nn.Linear:
+            logits = None                                  # a LoRA-wrapped head takes the plain path below
+            loss = linear_cross_entropy(x, self.lm_head.weight, targets, loss_mask, reduction)
         else:
             logits = self.lm_head(x)
             loss = self._loss(logits, targets, loss_mask, reduction)
@@ -545,10 +552,11 @@ class Transformer(nn.Module):
     @staticmethod
     def _loss(logits, targets, loss_mask, reduction):
         V = logits.size(-1)
-        per_tok = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), ignore_index=-1,
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))   # fp32 at least
+        per_tok = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1,
                                   reduction="none").view(targets.shape)
-        valid = (targets != -1).float()
-        weights = valid if loss_mask is None else valid * loss_mask.float()
+        valid = (targets != -1).to(per_tok.dtype)
+        weights = valid if loss_mask is None else valid * loss_mask.to(per_tok.dtype)
         per_tok = per_tok * weights
         if reduction == "none":
             return per_tok

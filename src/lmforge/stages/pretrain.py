@@ -78,7 +78,7 @@ class PretrainTask(Task):
     # -- loss / eval / samples ---------------------------------------------------------------------------
     def loss(self, model, batch):
         x, y, mask = batch
-        _, loss = model(x, targets=y, loss_mask=mask)   # fp32 cross-entropy; targets -1 and mask 0 are ignored
+        _, loss = model(x, targets=y, loss_mask=mask, return_logits=False)   # fp32 cross-entropy; targets -1 and mask 0 are ignored
         return loss, {"tokens": y.numel()}               # tokens processed (throughput, max_tokens)
 
     def evaluate(self, model, final: bool = False) -> dict:

@@ -248,7 +248,7 @@ class SFTTask(Task):
 
     def loss(self, model, batch):
         x, y, mask = batch
-        _, loss = model(x, targets=y, loss_mask=mask)   # mean over assistant targets; pads (-1) ignored
+        _, loss = model(x, targets=y, loss_mask=mask, return_logits=False)   # mean over assistant targets; pads (-1) ignored
         return loss, {"tokens": int((y != -1).sum())}
 
     # -- held-out loss and sample answers -----------------------------------------------------------------------
@@ -260,7 +260,7 @@ class SFTTask(Task):
         total, count = 0.0, 0.0
         for i in range(0, len(order), self.eval_batch_size):
             x, y, m = collate(rows, order[i:i + self.eval_batch_size], self.pad_id, self.device)
-            _, loss_sum = model(x, targets=y, loss_mask=m, reduction="sum")
+            _, loss_sum = model(x, targets=y, loss_mask=m, reduction="sum", return_logits=False)
             total += float(loss_sum)
             count += float((m * (y != -1)).sum())
         return {"val_loss": total / max(count, 1.0)}

@@ -28,8 +28,8 @@ from lmforge.errors import CheckpointError, ConfigError
 from lmforge.io import run_lock
 from lmforge.model.lora import (LoRAConfig, apply_lora, check_only_adapters_train, lora_checkpoint_section,
                                 lora_state_dict, resume_lora)
-from lmforge.runtime import (Dist, all_reduce_mean, autocast, init_distributed, measured_peak_flops,
-                             resolve_precision)
+from lmforge.runtime import (Dist, all_reduce_mean, autocast, init_distributed, keep_freed_memory,
+                             measured_peak_flops, resolve_precision)
 from lmforge.train.metrics import MetricsLog, plot_curves
 from lmforge.train.rng import rng_state, set_rng_state
 from lmforge.train.task import Task
@@ -233,6 +233,8 @@ def _train(model: nn.Module, task: Task, cfg: TrainConfig, checkpoint: Checkpoin
                           field="grad_accum")
     if cfg.threads and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
+    if device.type == "cpu":
+        keep_freed_memory()
     precision = resolve_precision(cfg.precision, device)
     out = Path(cfg.out_dir)
     ckpt_dir = out / "checkpoint"

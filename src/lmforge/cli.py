@@ -18,7 +18,7 @@ from lmforge.verbs import Verb
 
 # the packages' verb lists, in the order `lmforge --help` shows them (after quickstart)
 VERB_MODULES = [
-    "lmforge.stages.cli",      # pretrain
+    "lmforge.stages.cli",      # pretrain, distill, sft, reward train|score, dpo
     "lmforge.eval.cli",        # eval bpb
     "lmforge.infer.cli",       # generate, attention, inspect, chat, tool list, tool run
     "lmforge.data.cli",        # data list, data prepare
@@ -37,6 +37,7 @@ GROUPS = {
     "export": ("export a checkpoint to another format", "FORMAT"),
     "lora": ("LoRA runs: merge the adapters into the base, export them for PEFT", "VERB"),
     "tool": ("the built-in tools a chat model may call: list them, run one", "VERB"),
+    "reward": ("reward models: train one on preference pairs, score replies with it", "VERB"),
 }
 
 

@@ -64,6 +64,9 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # a second head beside the LM head: `score_dim` numbers per position from the final hidden state (Hugging
+    # Face's `score` layer of *ForSequenceClassification): 1 for a reward model or a value head; 0 = none
+    score_dim: int = 0
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "multiple_of"):
@@ -82,6 +85,8 @@ class ModelConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
                 raise ConfigError(f"must be a positive number, got {v!r}", field=name)
+        if isinstance(self.score_dim, bool) or not isinstance(self.score_dim, int) or self.score_dim < 0:
+            raise ConfigError(f"must be an integer >= 0, got {self.score_dim!r}", field="score_dim")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"must be in [0, 1), got {self.dropout!r}", field="dropout")

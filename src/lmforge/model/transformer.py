@@ -423,6 +423,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.score = nn.Linear(cfg.d_model, cfg.score_dim, bias=False) if cfg.score_dim else None
         # RoPE frequencies are a pure function of the config: kept per device outside the state dict (not a
         # buffer, so a model built on the meta device and filled by load_state_dict still gets correct ones)
         self._rope_freqs: dict[torch.device, torch.Tensor] = {}
@@ -448,7 +449,7 @@ class Transformer(nn.Module):
                 attn_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, return_attn: bool = False,
                 loss_mask: torch.Tensor | None = None, reduction: str = "mean", logits_to_keep: int = 0,
-                return_logits: bool = True):
+                return_logits: bool = True, return_scores: bool = False):
         """Run the model on token ids `idx` (B, T).
 
         targets:      (B, T) next-token ids, -1 = ignored. Gives `loss` (cross-entropy in fp32).
@@ -463,9 +464,13 @@ class Transformer(nn.Module):
         kv_cache:     a KVCache; this call fills slots [cache.pos, cache.pos + T) and advances cache.pos.
         return_attn:  also return a list of per-layer attention weights (B, H, T, S), computed explicitly.
         logits_to_keep: 0 = logits for every position; k > 0 = only the last k (inference needs the last one).
-        return_logits: False (with targets, reduction 'mean' or 'sum') fuses the head with the loss in row chunks
-                      (model/loss.py): the same loss and gradients without a (B, T, vocab) tensor; logits is None.
-        Returns (logits, loss) — loss None without targets — or (logits, loss, attentions) with return_attn.
+        return_logits: False skips the LM head's logits (None): with targets (reduction 'mean' or 'sum') the head is
+                      fused with the loss in row chunks (model/loss.py), the same loss and gradients without a
+                      (B, T, vocab) tensor; without targets only the score head runs.
+        return_scores: also return the score head's output (B, T, score_dim) (config.score_dim > 0): a reward
+                      model's or value head's numbers at every position.
+        Returns (logits, loss) — loss None without targets — then attentions with return_attn, then scores with
+        return_scores.
         """
         cfg = self.config
         B, T = idx.shape
@@ -506,10 +511,16 @@ class Transformer(nn.Module):
             kv_cache.pos = S
         x = self.norm(x)
 
+        scores = None
+        if return_scores:
+            if self.score is None:
+                raise ValueError("this model has no score head (config.score_dim is 0)")
+            scores = self.score(x[:, -logits_to_keep:] if logits_to_keep else x)
         if targets is None:
             x = x[:, -logits_to_keep:] if logits_to_keep else x
             infer = not (torch.is_grad_enabled() or self.training)
-            logits = inference_linear(self, ("lm_head",), x) if infer else self.lm_head(x)
+            logits = None if not return_logits else \
+                inference_linear(self, ("lm_head",), x) if infer else self.lm_head(x)
             loss = None
         elif not return_logits and reduction != "none" and type(self.lm_head) is nn.Linear:
             logits = None                                  # a LoRA-wrapped head takes the plain path below
@@ -517,7 +528,8 @@ class Transformer(nn.Module):
         else:
             logits = self.lm_head(x)
             loss = self._loss(logits, targets, loss_mask, reduction)
-        return (logits, loss, attentions) if return_attn else (logits, loss)
+        out = (logits, loss) + ((attentions,) if return_attn else ()) + ((scores,) if return_scores else ())
+        return out
 
     def _rope_inv_freq(self, device) -> torch.Tensor:
         freqs = self._rope_freqs.get(device)

@@ -1,14 +1,17 @@
-"""`lmforge pretrain`: its arguments and what it runs.
+"""The training stages' verbs: pretrain, distill, sft, reward train|score, dpo.
 
     lmforge pretrain --data runs/data --out runs/pretrain model.preset=cpu-small train.max_steps=500
     torchrun --nproc_per_node=8 -m lmforge pretrain --data runs/data --out runs/pretrain   # DDP (or FSDP)
     lmforge distill --teacher runs/pretrain --data runs/data --out runs/student model.preset=tiny distill.loss=fkl
     lmforge distill --teacher runs/sft --sequence --data chatterbot --out runs/student-chat init_from=runs/small
     lmforge sft --checkpoint runs/pretrain --data chats.jsonl arithmetic:digits=2 --out runs/sft train.max_steps=300
+    lmforge reward train --checkpoint runs/sft --data arithmetic:digits=2 --out runs/rm train.max_steps=200
+    lmforge reward score --checkpoint runs/rm --data pairs.jsonl
+    lmforge dpo --checkpoint runs/sft --data pairs.jsonl --out runs/dpo --loss sigmoid --beta 0.1
 """
 from __future__ import annotations
 
-from lmforge.verbs import Verb
+from lmforge.verbs import Verb, positive_float
 
 
 def pretrain_arguments(p) -> None:
@@ -144,6 +147,99 @@ def cmd_sft(args) -> int:
     return 0
 
 
+def _common(p, data_help: str) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="RUN",
+                   help="the model to start from: an lmforge checkpoint or run directory, or a Hugging Face model "
+                        "directory")
+    p.add_argument("--data", nargs="+", default=None, metavar="SRC", help=data_help)
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory (train.out_dir)")
+    p.add_argument("--recipe", default=None, help="YAML recipe (keys of the stage's config)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same as train.resume=true)")
+
+
+PAIRS_HELP = ("preference JSONL files ({prompt, chosen, rejected} rows, strings or message lists) and/or "
+              "built-in task families (arithmetic:digits=2,...): correct vs wrong answers")
+
+
+def reward_train_arguments(p) -> None:
+    _common(p, PAIRS_HELP)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="e.g. train.max_steps=200 train.lr=3e-4 pairs_n=4000 val_n=200 use_margin=false")
+
+
+def cmd_reward_train(args) -> int:
+    import lmforge
+    from lmforge.config import load_config
+    from lmforge.stages.reward import RewardConfig, run_reward_train
+
+    data, over = data_and_overrides(args)
+    cfg = load_config(RewardConfig, args.recipe, over)
+    cfg.checkpoint, cfg.data = args.checkpoint, data or cfg.data
+    model, tok = lmforge.load(cfg.checkpoint, device="cpu")
+    s = run_reward_train(cfg, model, tok, base=cfg.checkpoint)
+    val = (f"held-out pair accuracy {100 * s['val_accuracy']:.1f}%, margin {s['val_margin']:.3f}"
+           if "val_accuracy" in s else "no held-out pairs")
+    print(f"reward train: {s['step']} steps on {s['train_pairs']:,} pairs ({s['val_pairs']:,} held out) in "
+          f"{s['train_time']:.1f}s; {val}; checkpoint {s['checkpoint']}")
+    return 0
+
+
+def reward_score_arguments(p) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="RM", help="a reward model (lmforge reward train)")
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help="JSONL: preference rows (both sides scored) or {prompt, completion} rows")
+    p.add_argument("--json", action="store_true", help="print one JSON object per row")
+
+
+def cmd_reward_score(args) -> int:
+    import json
+
+    import lmforge
+    from lmforge.stages.reward import RewardModel, score_file, summarize_scores
+
+    rm = RewardModel(*lmforge.load(args.checkpoint, device="cpu"))
+    rows = score_file(rm, args.data)
+    for r in rows:
+        if args.json:
+            print(json.dumps(r, ensure_ascii=False))
+        elif "reward" in r:
+            print(f"{r['line']:>6}  {r['reward']:+.4f}  {r['prompt'][:60]!r}")
+        else:
+            print(f"{r['line']:>6}  chosen {r['reward_chosen']:+.4f}  rejected {r['reward_rejected']:+.4f}  "
+                  f"{'✓' if r['prefers_chosen'] else '✗'}  {r['prompt'][:50]!r}")
+    if not args.json:
+        print(summarize_scores(rows))
+    return 0
+
+
+def dpo_arguments(p) -> None:
+    _common(p, PAIRS_HELP)
+    p.add_argument("--loss", default=None, choices=["sigmoid", "ipo", "hinge", "robust"],
+                   help="sigmoid (DPO, default), ipo, hinge (SLiC), robust (label noise; with label_smoothing=E)")
+    p.add_argument("--beta", type=positive_float, default=None, help="strength of the tie to the reference "
+                   "(default 0.1)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="e.g. train.max_steps=200 train.lr=1e-5 label_smoothing=0.1 pairs_n=4000")
+
+
+def cmd_dpo(args) -> int:
+    import lmforge
+    from lmforge.config import load_config
+    from lmforge.stages.dpo import DPOConfig, run_dpo
+
+    data, over = data_and_overrides(args)
+    over += [f"loss={args.loss}"] * (args.loss is not None) + [f"beta={args.beta}"] * (args.beta is not None)
+    cfg = load_config(DPOConfig, args.recipe, over)
+    cfg.checkpoint, cfg.data = args.checkpoint, data or cfg.data
+    model, tok = lmforge.load(cfg.checkpoint, device="cpu")
+    s = run_dpo(cfg, model, tok, base=cfg.checkpoint)
+    val = (f"held-out implicit-reward accuracy {100 * s['val_rewards/accuracies']:.1f}%, margin "
+           f"{s['val_rewards/margins']:.3f}" if "val_rewards/accuracies" in s else "no held-out pairs")
+    print(f"dpo ({cfg.loss}, beta {cfg.beta:g}): {s['step']} steps on {s['train_pairs']:,} pairs in "
+          f"{s['train_time']:.1f}s; {val}; checkpoint {s['checkpoint']}")
+    return 0
+
+
 VERBS = [
     Verb(("pretrain",), "pretrain a Transformer on token shards (torchrun-aware: DDP/FSDP)", pretrain_arguments,
          cmd_pretrain),
@@ -152,4 +248,10 @@ VERBS = [
          distill_arguments, cmd_distill),
     Verb(("sft",), "supervised fine-tuning for chat on conversations (loss on the assistant's tokens only)",
          sft_arguments, cmd_sft),
+    Verb(("reward", "train"), "train a reward model (a score head on the SFT model) on preference pairs",
+         reward_train_arguments, cmd_reward_train),
+    Verb(("reward", "score"), "score replies (or both sides of preference pairs) with a reward model",
+         reward_score_arguments, cmd_reward_score),
+    Verb(("dpo",), "direct preference optimisation on pairs (sigmoid, IPO, hinge, robust losses), no reward model",
+         dpo_arguments, cmd_dpo),
 ]

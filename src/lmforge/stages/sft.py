@@ -39,6 +39,7 @@ from lmforge.data.chat import Conversation, parse_row, read_conversations
 from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.io import atomic_write_text
 from lmforge.tokenizer.chat import end_of_turn_id, render_chat, uses_lmforge_template
+from lmforge.stages.pairs import pad_id
 from lmforge.train.task import Task
 from lmforge.train.trainer import CheckpointSpec, TrainConfig, train
 
@@ -205,8 +206,7 @@ class SFTTask(Task):
         self.B, self.seed, self.grad_accum = batch_size, seed, grad_accum
         self.eval_batch_size, self.sample_n, self.sample_tokens = eval_batch_size, sample_n, sample_tokens
         self.device = torch.device(device)
-        pad = tok.role_token("pad") or tok.role_token("eos")
-        self.pad_id = tok.special_tokens[pad] if pad is not None else 0   # any id: pads are never attended to
+        self.pad_id = pad_id(tok)
         self.eot = end_of_turn_id(tok)
         self.lengths = np.array([len(r) - 1 for r in train_rows.ids])     # tokens a row puts through the model
         self.batch_tokens = batch_tokens

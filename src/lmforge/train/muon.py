@@ -160,16 +160,17 @@ def output_head(model: nn.Module) -> nn.Module | None:
 
 
 def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable weights Muon should own: nn.Linear weights other than the output head's, and not shared
-    with an embedding table (tied heads). Everything else — embeddings, head, norms, biases — stays on AdamW."""
+    """The trainable weights Muon should own: nn.Linear weights other than the output heads' (the LM head and a
+    `score` head: reward, value), and not shared with an embedding table (tied heads). Everything else —
+    embeddings, heads, norms, biases — stays on AdamW."""
     model = _unwrap(model)
-    head = output_head(model)
+    heads = [h for h in (output_head(model), getattr(model, "score", None)) if isinstance(h, nn.Module)]
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    if head is not None:
+    for head in heads:
         embedding_ids |= {id(p) for p in head.parameters()}
     out, seen = [], set()
     for m in model.modules():
-        if isinstance(m, nn.Linear) and m is not head:
+        if isinstance(m, nn.Linear) and not any(m is h for h in heads):
             w = m.weight
             if w.requires_grad and w.ndim == 2 and id(w) not in embedding_ids and id(w) not in seen:
                 seen.add(id(w))

@@ -1,0 +1,185 @@
+"""Preference data, the reward model and DPO: formats, built-in pairs, training end to end through the CLI on tiny
+models, and bad input."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+import lmforge
+from lmforge import checkpoint
+from lmforge.cli import main
+from lmforge.data.preference import parse_pair, read_pairs, task_pairs, wrong_variants
+from lmforge.data.tasks import family
+from lmforge.errors import DataError
+from lmforge.model import ModelConfig, Transformer
+from lmforge.stages.pairs import collate_pairs, render_pairs
+from lmforge.tokenizer.bpe import GPT4_PATTERN
+from lmforge.tokenizer.tokenizer import Tokenizer
+from lmforge.train.metrics import read_metrics
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAST = ["train.threads=1", "train.precision=fp32", "train.progress=false", "train.warmup_steps=2",
+        "train.log_every=5", "val_fraction=0.2"]
+
+
+def toy_pairs(n=40, seed=0):
+    """A preference a tiny model learns in a few steps: replies that start with 'yes' beat those with 'no'."""
+    rng = random.Random(seed)
+    words = ["cat", "dog", "sky", "sea", "sun", "moon", "tree", "rock", "bird", "fish"]
+    rows = []
+    for i in range(n):
+        w = rng.choice(words) + str(i)
+        rows.append({"prompt": f"{w}?", "chosen": f"yes {w}", "rejected": f"no {w}"})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pref")
+    tok = Tokenizer([], GPT4_PATTERN)        # bytes + the chat specials
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_heads=2, d_model=48,
+                                    max_seq_len=64, init_std=0.1))
+    checkpoint.save(d / "base", model=model, model_config=model.config.to_dict(), tokenizer=tok)
+    write_jsonl(d / "pairs.jsonl", toy_pairs())
+    return d
+
+
+# ---- formats ----------------------------------------------------------------------------------------------------
+def test_the_three_trl_shapes_parse_to_the_same_pair():
+    std = parse_pair({"prompt": "2+2?", "chosen": "4", "rejected": "5"})
+    conv = parse_pair({"prompt": [{"role": "user", "content": "2+2?"}],
+                       "chosen": [{"role": "assistant", "content": "4"}],
+                       "rejected": [{"role": "assistant", "content": "5"}]})
+    implicit = parse_pair({"chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+                           "rejected": [{"role": "user", "content": "2+2?"},
+                                        {"role": "assistant", "content": "5"}]})
+    for p in (std, conv, implicit):
+        assert (p.prompt, p.chosen, p.rejected) == ([{"role": "user", "content": "2+2?"}],
+                                                    [{"role": "assistant", "content": "4"}],
+                                                    [{"role": "assistant", "content": "5"}])
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "q", "chosen": "a", "rejected": "a"}, "the same"),
+    ({"prompt": "q", "chosen": "a"}, "missing field 'rejected'"),
+    ({"prompt": "q", "chosen": 3, "rejected": "a"}, "'chosen' must be a string"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, "'margin' must be a finite number"),
+    ({"chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "user", "content": "y"}]},
+     "share no leading message"),
+])
+def test_bad_pairs_say_what_is_wrong(row, message):
+    with pytest.raises(DataError, match=message):
+        parse_pair(row)
+
+
+def test_read_pairs_names_file_and_line(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", toy_pairs(3) + [{"prompt": "q", "chosen": "a", "rejected": "a"}])
+    with pytest.raises(DataError) as e:
+        read_pairs(f)
+    assert e.value.file == str(f) and e.value.line == 4
+
+
+def test_builtin_pairs_are_a_right_and_a_wrong_answer():
+    fam = family("arithmetic:digits=2,ops=+,restate=true")
+    pairs = task_pairs(fam, 50, seed=0, split="eval")
+    assert len(pairs) == 50
+    eval_keys = {p.key for p in fam.problems("eval", 10_000, 0)}
+    for p in pairs:
+        a, b = p.prompt[0]["content"].removeprefix("What is ").removesuffix("?").split(" + ")
+        assert f"{a}+{b}" in eval_keys                                   # held-out problems only
+        assert p.chosen[0]["content"].endswith(f"= {int(a) + int(b)}")
+        assert not p.rejected[0]["content"].endswith(f"= {int(a) + int(b)}")
+        assert p.rejected[0]["content"].rsplit("=", 1)[0] == p.chosen[0]["content"].rsplit("=", 1)[0]
+    variants = wrong_variants("12 + 30 = 42", random.Random(0))
+    assert "12 + 30 = 42" not in variants and {"12 + 30 = 43", "12 + 30 = 41", "12 + 30 = 24"} <= set(variants)
+
+
+def test_completion_masks_cover_only_the_compared_reply():
+    tok = Tokenizer([], GPT4_PATTERN)
+    p = parse_pair({"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "EARLIER"},
+                               {"role": "user", "content": "b"}], "chosen": "yes", "rejected": "nope"})
+    rows = render_pairs(tok, [p], 64)
+    x, y, m, last = collate_pairs(rows, [0], 0, "cpu")
+    for r, reply in ((0, "yes"), (1, "nope")):
+        trained = tok.decode([int(t) for t, k in zip(y[r], m[r]) if k > 0])
+        assert trained.startswith(reply) and "EARLIER" not in trained
+        assert int(last[r]) == int((y[r] != -1).sum())                  # the last real token of x
+
+
+# ---- reward model -----------------------------------------------------------------------------------------------
+def test_reward_model_learns_the_preference_and_scores_files(base, tmp_path, capsys):
+    out = tmp_path / "rm"
+    rc = main(["reward", "train", "--checkpoint", str(base / "base"), "--data", str(base / "pairs.jsonl"),
+               "--out", str(out), "train.max_steps=40", "train.lr=3e-3", "train.batch_size=8",
+               "train.eval_every=20", *FAST])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    rows = list(read_metrics(out / "metrics.jsonl"))
+    assert rows[-1]["val_accuracy"] == 1.0 and rows[-1]["val_margin"] > 0.5
+    assert any("accuracy" in r and "margin" in r for r in rows)
+    assert checkpoint.read_config(out)["stage"] == "reward"
+    model, _ = lmforge.load(out, device="cpu")
+    assert model.config.score_dim == 1 and model.score is not None
+    # score: both sides of pairs never seen in training, and single replies
+    write_jsonl(tmp_path / "new.jsonl", toy_pairs(10, seed=7) + [{"prompt": "x?", "completion": "yes x"}])
+    assert main(["reward", "score", "--checkpoint", str(out), "--data", str(tmp_path / "new.jsonl"),
+                 "--json"]) == 0
+    scored = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert all(r["prefers_chosen"] for r in scored[:10]) and "reward" in scored[10]
+
+
+def test_a_language_model_is_not_a_reward_model(base, tmp_path, capsys):
+    write_jsonl(tmp_path / "s.jsonl", [{"prompt": "x", "completion": "y"}])
+    assert main(["reward", "score", "--checkpoint", str(base / "base"), "--data", str(tmp_path / "s.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no score head" in err[0]
+
+
+# ---- DPO --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def test_dpo_raises_the_chosen_over_the_rejected(base, tmp_path, capsys, loss):
+    out = tmp_path / "dpo"
+    rc = main(["dpo", "--checkpoint", str(base / "base"), "--data", str(base / "pairs.jsonl"), "--out", str(out),
+               "--loss", loss, "--beta", "0.5", "train.max_steps=30", "train.lr=3e-3", "train.batch_size=8",
+               "train.eval_every=15", *FAST, "train.log_every=1"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    rows = list(read_metrics(out / "metrics.jsonl"))
+    first = next(r for r in rows if "rewards/margins" in r)
+    # step 1 is computed before any update: the policy IS the reference, so every log-ratio is 0 and the loss is
+    # log 2 (sigmoid) or (1 / (2 beta))^2 (ipo) — the precomputed reference log-probs match the policy's
+    assert abs(first["rewards/margins"]) < 1e-4 and abs(first["rewards/chosen"]) < 1e-4
+    assert first["loss"] == pytest.approx({"sigmoid": math.log(2), "ipo": 1.0}[loss], abs=1e-4)
+    assert rows[-1]["val_rewards/accuracies"] == 1.0 and rows[-1]["val_rewards/margins"] > 0.5
+    assert (out / "reference_logps.pt").is_file()
+    assert checkpoint.read_config(out)["dpo"]["loss"] == loss
+    # the trained policy itself prefers "yes" replies on held-out prompts: its log-prob margin grew
+    from lmforge.stages.dpo import reference_logps
+    from lmforge.stages.pairs import load_pairs
+    tok = Tokenizer.load(base / "base" / "tokenizer")
+    _, val = load_pairs([str(base / "pairs.jsonl")], n=1, val_fraction=0.2, val_n=0, seed=1337)
+    rows_val = render_pairs(tok, val, 64)
+    before = reference_logps(lmforge.load(base / "base", device="cpu")[0], rows_val, 0, "cpu", 8, "", False)
+    after = reference_logps(lmforge.load(out, device="cpu")[0], rows_val, 0, "cpu", 8, "", False)
+    assert ((after[:, 0] - after[:, 1]) > (before[:, 0] - before[:, 1]) + 1.0).all()
+
+
+def test_bad_pair_file_is_one_line_and_writes_nothing(base, tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", toy_pairs(3) + [{"prompt": "q", "chosen": "same", "rejected": "same"}])
+    for verb in (["dpo"], ["reward", "train"]):
+        out = tmp_path / ("o" + verb[0])
+        rc = main([*verb, "--checkpoint", str(base / "base"), "--data", str(bad), "--out", str(out), *FAST])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and f"{bad}:4" in err[0] and "the same" in err[0]
+        assert not out.exists()

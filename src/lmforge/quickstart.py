@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from lmforge.errors import ConfigError
+from lmforge.stages.grpo import GRPOConfig
 from lmforge.stages.pretrain import PretrainConfig
 from lmforge.stages.sft import SFTConfig
 
@@ -60,6 +61,8 @@ class QuickstartConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(data=["arithmetic:digits=2"]))
     chat_eval: ChatEvalSection = field(default_factory=ChatEvalSection)
+    # RL after SFT on chat_eval.task (grpo.task, when unset), rewarded by its verifier; max_steps 0 skips it
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
     def __post_init__(self):
         if not self.markov_orders or min(self.markov_orders) < 1:
@@ -158,16 +161,34 @@ def run_quickstart(cfg: QuickstartConfig, out: str | Path, progress: bool = True
         print("\n".join("  " + line for line in c["transcript"].splitlines()) + "\n")
     done("chat samples", t)
 
-    t = stage(f"task accuracy: held-out {cfg.chat_eval.task} (base vs SFT), {cfg.chat_eval.tool_task} "
-              f"(base with tools, SFT without and with them)")
+    grpo = None
+    gcfg = cfg.grpo
+    if gcfg.train.max_steps:
+        from lmforge.stages.grpo import run_grpo
+        gcfg.task = gcfg.task or cfg.chat_eval.task
+        t = stage(f"GRPO: the SFT model on {gcfg.task}, rewarded by its verifier")
+        policy, _ = lmforge.load(out / "sft" / "checkpoint", device="cpu")
+        gcfg.checkpoint, gcfg.train.out_dir = str(out / "sft" / "checkpoint"), str(out / "grpo")
+        gcfg.train.progress = progress
+        gcfg.reward = ["verifier"]
+        gcfg.val_n = 0                   # the task table below measures it, on the same problems as the others
+        grpo = run_grpo(gcfg, policy, sft_tok, base=gcfg.checkpoint)
+        done("grpo", t)
+        del policy
+        print(f"{grpo['step']} steps in {grpo['train_time']:.0f}s; training reward {grpo.get('reward', 0):.3f} at the "
+              f"end (sampled at temperature {gcfg.temperature:g})")
+
+    t = stage(f"task accuracy: held-out {cfg.chat_eval.task} (base vs SFT{' vs GRPO' if grpo else ''}), "
+              f"{cfg.chat_eval.tool_task} (base with tools, SFT without and with them)")
     base_model, _ = lmforge.load(base_ckpt, device="cpu")
-    task_eval = _task_eval(base_model, sft_model, sft_tok, cfg.chat_eval, out / "eval", progress)
+    grpo_model = lmforge.load(out / "grpo" / "checkpoint", device="cpu")[0] if grpo else None
+    task_eval = _task_eval(base_model, sft_model, sft_tok, cfg.chat_eval, out / "eval", progress, grpo_model)
     done("task eval", t)
     print(format_task_table(task_eval))
 
     result = {"config": asdict(cfg), "times": times, "cpu_times": cpu_times, "tokenizer": {"vocab_size": tok.vocab_size,
               "merges": tok.n_merges}, "data": splits, "markov": markov, "pretrain": summary, "samples": samples,
-              "sft": sft, "chat_samples": chats, "task_eval": task_eval}
+              "sft": sft, "grpo": grpo, "chat_samples": chats, "task_eval": task_eval}
     (out / "summary.json").write_text(json.dumps(result, indent=2, default=str, ensure_ascii=False) + "\n")
     report = write_report(out, result)
     best = min(markov, key=lambda r: r["val_bpb"])
@@ -261,7 +282,8 @@ def _chat_samples(model, tok, data: list[str], ce: ChatEvalSection) -> list[dict
     return out
 
 
-def _task_eval(base_model, sft_model, tok, ce: ChatEvalSection, out_dir: Path, progress: bool) -> dict:
+def _task_eval(base_model, sft_model, tok, ce: ChatEvalSection, out_dir: Path, progress: bool,
+               grpo_model=None) -> dict:
     """Greedy accuracy on held-out problems: the base and the SFT model on the same problems of ce.task; on the
     same problems of ce.tool_task the base model offered the tools, the SFT model with them withheld and with them (every tool call checked
     against its tool's schema). The full results go to out_dir/*.json."""
@@ -279,6 +301,7 @@ def _task_eval(base_model, sft_model, tok, ce: ChatEvalSection, out_dir: Path, p
     runs = {
         "base": (base_model, fam, problems, ce.max_tokens),
         "sft": (sft_model, fam, problems, ce.max_tokens),
+        **({"grpo": (grpo_model, fam, problems, ce.max_tokens)} if grpo_model is not None else {}),
         "base_tools": (base_model, tool_fam, tool_problems, ce.tool_max_tokens),
         "sft_no_tools": (sft_model, plain, tool_problems, ce.tool_max_tokens),
         "sft_tools": (sft_model, tool_fam, tool_problems, ce.tool_max_tokens),
@@ -309,7 +332,7 @@ def _task_eval(base_model, sft_model, tok, ce: ChatEvalSection, out_dir: Path, p
 
 def format_task_table(te: dict) -> str:
     """The task-accuracy table (markdown) and the tool-call line, as printed and as in report.md."""
-    names = {"base": "base (pretrained)", "sft": "SFT", "base_tools": "base (pretrained) + tools",
+    names = {"base": "base (pretrained)", "sft": "SFT", "grpo": "SFT + GRPO", "base_tools": "base (pretrained) + tools",
              "sft_no_tools": "SFT, no tools", "sft_tools": "SFT + tools"}
     lines = [f"| model | held-out task | problems | accuracy | ended with <\\|end\\|> | mean tokens | budget |",
              "|---|---|---:|---:|---:|---:|---:|"]

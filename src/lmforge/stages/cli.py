@@ -1,4 +1,4 @@
-"""The training stages' verbs: pretrain, distill, sft, reward train|score, dpo.
+"""The training stages' verbs: pretrain, distill, sft, reward train|score, dpo, grpo.
 
     lmforge pretrain --data runs/data --out runs/pretrain model.preset=cpu-small train.max_steps=500
     torchrun --nproc_per_node=8 -m lmforge pretrain --data runs/data --out runs/pretrain   # DDP (or FSDP)
@@ -8,6 +8,7 @@
     lmforge reward train --checkpoint runs/sft --data arithmetic:digits=2 --out runs/rm train.max_steps=200
     lmforge reward score --checkpoint runs/rm --data pairs.jsonl
     lmforge dpo --checkpoint runs/sft --data pairs.jsonl --out runs/dpo --loss sigmoid --beta 0.1
+    lmforge grpo --checkpoint runs/sft --task arithmetic:digits=2 --reward verifier --out runs/grpo
 """
 from __future__ import annotations
 
@@ -240,6 +241,49 @@ def cmd_dpo(args) -> int:
     return 0
 
 
+def grpo_arguments(p) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="RUN", help="the policy to start from (an SFT model)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--task", default=None, metavar="NAME",
+                     help="a built-in task family: its training problems are the prompts, its scorer the verifier")
+    src.add_argument("--prompts", default=None, metavar="FILE",
+                     help='prompt JSONL ({"prompt": ..., other keys go to the reward functions})')
+    p.add_argument("--reward", default=None, metavar="SPEC",
+                   help="verifier | a reward model directory | module:function, comma-separated for several "
+                        "(weights: reward_weights=[...]); default verifier")
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory (train.out_dir)")
+    p.add_argument("--recipe", default=None, help="YAML recipe (keys of GRPOConfig)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same as train.resume=true)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="e.g. group_size=8 prompts_per_step=8 max_new_tokens=32 beta=0.04 loss_type=dapo "
+                        "num_iterations=2 train.max_steps=100 train.lr=1e-5")
+
+
+def cmd_grpo(args) -> int:
+    import lmforge
+    from lmforge.config import load_config
+    from lmforge.stages.grpo import GRPOConfig, run_grpo
+
+    args.data = None
+    _, over = data_and_overrides(args)
+    cfg = load_config(GRPOConfig, args.recipe, over)
+    cfg.checkpoint = args.checkpoint
+    if args.task or args.prompts:
+        cfg.task, cfg.prompts = args.task, args.prompts
+    if args.reward:
+        cfg.reward = [s for s in args.reward.split(",") if s]
+    model, tok = lmforge.load(cfg.checkpoint, device="cpu")
+    s = run_grpo(cfg, model, tok, base=cfg.checkpoint, load_model=lambda path: lmforge.load(path, device="cpu"))
+    acc = ""
+    if s.get("val_accuracy") is not None:
+        before = s.get("val_accuracy_before")
+        acc = (f"held-out greedy accuracy {100 * before:.1f}% -> " if before is not None else
+               "held-out greedy accuracy ") + f"{100 * s['val_accuracy']:.1f}%; "
+    print(f"grpo: {s['step']} steps in {s['train_time']:.1f}s, mean reward {s.get('reward', float('nan')):.3f}; "
+          f"{acc}checkpoint {s['checkpoint']}")
+    return 0
+
+
 VERBS = [
     Verb(("pretrain",), "pretrain a Transformer on token shards (torchrun-aware: DDP/FSDP)", pretrain_arguments,
          cmd_pretrain),
@@ -254,4 +298,6 @@ VERBS = [
          reward_score_arguments, cmd_reward_score),
     Verb(("dpo",), "direct preference optimisation on pairs (sigmoid, IPO, hinge, robust losses), no reward model",
          dpo_arguments, cmd_dpo),
+    Verb(("grpo",), "reinforcement learning with group-relative advantages on checkable rewards (a verifier, a "
+                    "reward model, your function)", grpo_arguments, cmd_grpo),
 ]

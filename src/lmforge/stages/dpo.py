@@ -26,6 +26,7 @@ from lmforge.io import atomic_write_text
 from lmforge.stages.pairs import (PairRows, batch_index, collate_pairs, inherited, load_pairs, pad_id,
                                   render_pairs)
 from lmforge.train.objectives import DPO_LOSSES, dpo_loss
+from lmforge.train.metrics import plot_curves
 from lmforge.train.task import Task
 from lmforge.train.trainer import CheckpointSpec, TrainConfig, train
 
@@ -185,6 +186,9 @@ def run_dpo(cfg: DPOConfig, model, tok, base: str | None = None) -> dict:
     summary = train(model, task, tcfg, checkpoint=spec)
     summary.update(train_pairs=len(rows), val_pairs=len(val) if val else 0, wall_time=time.time() - t0)
     if int(os.environ.get("RANK", 0)) == 0:
+        plot_curves(out / "metrics.jsonl", out / "rewards.png", title=out.name,
+                    keys=("rewards/accuracies", "val_rewards/accuracies", "rewards/margins", "val_rewards/margins"),
+                    ylabel="implicit reward accuracy / margin")
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str, ensure_ascii=False) + "\n")
     return summary
 

@@ -27,6 +27,7 @@ from lmforge.stages.pairs import (PairRows, batch_index, collate_pairs, inherite
                                   render_pairs)
 from lmforge.tokenizer.chat import render_chat
 from lmforge.train.objectives import bradley_terry_loss
+from lmforge.train.metrics import plot_curves
 from lmforge.train.task import Task
 from lmforge.train.trainer import CheckpointSpec, TrainConfig, train
 
@@ -165,6 +166,9 @@ def run_reward_train(cfg: RewardConfig, model, tok, base: str | None = None) -> 
     summary = train(model, task, tcfg, checkpoint=spec)
     summary.update(train_pairs=len(rows), val_pairs=len(val) if val else 0, wall_time=time.time() - t0)
     if int(os.environ.get("RANK", 0)) == 0:
+        run = Path(tcfg.out_dir)
+        plot_curves(run / "metrics.jsonl", run / "accuracy.png", title=run.name,
+                    keys=("accuracy", "val_accuracy"), ylabel="pair accuracy")
         atomic_write_text(Path(tcfg.out_dir) / "summary.json",
                           json.dumps(summary, indent=2, default=str, ensure_ascii=False) + "\n")
     return summary

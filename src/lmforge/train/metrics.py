@@ -50,7 +50,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_curves(metrics_path: str | Path, out_png: str | Path, title: str = "",
-                keys: tuple[str, ...] = ("loss", "val_loss")) -> Path | None:
+                keys: tuple[str, ...] = ("loss", "val_loss"), ylabel: str = "loss (nats/token)") -> Path | None:
     """Loss (and any other requested keys) vs step, one PNG. Returns None when there is nothing to plot."""
     rows = read_metrics(metrics_path)
     series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
@@ -66,7 +66,7 @@ def plot_curves(metrics_path: str | Path, out_png: str | Path, title: str = "",
         xs, ys = zip(*pts)
         ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=k)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     if title:

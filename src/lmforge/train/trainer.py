@@ -149,6 +149,17 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
+def mark_updated(optimizer) -> None:
+    """Bump the version counter of every parameter the optimizer holds. Fused AdamW writes the new weights in
+    place without bumping them, and inference caches that key on versions (combined and transposed weight copies,
+    the decode fast path's packed weights) would then serve the previous weights to anything that samples
+    between steps: RL rollouts, samples, periodic evaluations."""
+    from torch.autograd.graph import increment_version
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            increment_version(p)
+
+
 def freeze_modules(task: Task, model: nn.Module, device: torch.device) -> None:
     """Move the task's frozen modules to `device` in eval mode with requires_grad=False."""
     own = {id(p) for p in model.parameters()}
@@ -348,6 +359,7 @@ def _train(model: nn.Module, task: Task, cfg: TrainConfig, checkpoint: Checkpoin
             grad_norm = torch.nn.utils.clip_grad_norm_(clipped, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        mark_updated(optimizer)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0

@@ -1,0 +1,349 @@
+"""GRPO: reinforcement learning from rewards that can be checked, with group-relative advantages (DeepSeekMath).
+
+    lmforge grpo --checkpoint runs/sft --task arithmetic:digits=2,ops=+,restate=true --reward verifier --out runs/grpo
+    lmforge grpo --checkpoint runs/sft --prompts prompts.jsonl --reward mymod:score --out runs/grpo
+
+Each step (Task.before_step, in eval mode with the CURRENT weights):
+  1. take `prompts_per_step` prompts (training problems of --task, or rows of --prompts, in a seeded order);
+  2. sample `group_size` completions of each through the inference engine's fan-out (one prefill per prompt,
+     each completion with its own seed: a pure function of (seed, step, prompt, completion), so a resumed run
+     samples exactly what the uninterrupted one did);
+  3. score them with the reward functions (lmforge.stages.rewards), advantages (r - group mean) / (group std +
+     1e-4), or r - mean with scale_rewards=false (Dr. GRPO); groups whose rewards are all equal carry no signal
+     and are counted (`zero_std_groups`);
+  4. with num_iterations > 1 or beta > 0, the policy's (and the reference's) log-probs of the completions.
+Then `num_iterations` optimizer steps on that batch, each minimising the clipped surrogate
+-min(rho A, clip(rho, 1 - eps, 1 + eps_high) A) + beta * k3 KL(policy || reference) over completion tokens, where
+rho = pi / pi_old (exactly 1 on the first iteration, which makes it the plain policy gradient). Loss normalisation
+(`loss_type`): "grpo" averages each completion's tokens then the completions (the paper), "dapo" averages over all
+tokens of the batch, "dr_grpo" divides the token sum by completions x max_new_tokens (no length bias).
+beta = 0 keeps no reference model at all (TRL's default).
+
+The rollout batch is task state: a checkpoint taken between the iterations on one batch holds it, so a resumed
+run continues with the same completions (tests kill and resume a run and compare the weights). Held-out greedy
+accuracy on the task's eval split is measured before training and at every eval.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.errors import ConfigError
+from lmforge.io import atomic_write_text
+from lmforge.stages.pairs import inherited, pad_id
+from lmforge.stages.rewards import compute_rewards, resolve_rewards
+from lmforge.tokenizer.chat import render_chat
+from lmforge.train.objectives import clipped_policy_loss, group_advantages, k3_kl, masked_mean
+from lmforge.train.metrics import plot_curves
+from lmforge.train.task import Task
+from lmforge.train.trainer import CheckpointSpec, TrainConfig, train
+
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+
+
+@dataclass
+class GRPOTrainConfig(TrainConfig):
+    max_steps: int | None = 100
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    batch_size: int = 64            # completions per micro-batch of the loss (the rollout batch is split)
+    eval_every: int = 25
+    log_every: int = 5
+    grad_clip: float = 1.0
+
+
+@dataclass
+class GRPOConfig:
+    checkpoint: str = ""
+    task: str | None = None               # a built-in task family: its training problems, its scorer
+    prompts: str | None = None            # or a prompt JSONL file
+    reward: list[str] = field(default_factory=lambda: ["verifier"])
+    reward_weights: list[float] | None = None
+    group_size: int = 8                   # completions per prompt (G)
+    prompts_per_step: int = 8
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.0                     # KL coefficient (k3 estimator); 0 = no reference model
+    epsilon: float = 0.2
+    epsilon_high: float | None = None     # DAPO's clip-higher (None = epsilon)
+    num_iterations: int = 1               # optimizer steps per rollout batch (mu)
+    loss_type: str = "grpo"
+    scale_rewards: bool = True
+    val_n: int = 200                      # held-out problems for greedy accuracy (0 = none)
+    eval_max_tokens: int | None = None    # default max_new_tokens
+    train: GRPOTrainConfig = field(default_factory=GRPOTrainConfig)
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"unknown loss_type {self.loss_type!r} ({', '.join(LOSS_TYPES)})", field="loss_type")
+        for name in ("group_size", "prompts_per_step", "max_new_tokens", "num_iterations"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"must be an integer ≥ 1, got {v!r}", field=name)
+        if self.group_size < 2:
+            raise ConfigError("GRPO compares completions within a group: group_size must be ≥ 2", field="group_size")
+        if not self.temperature > 0:
+            raise ConfigError("rollouts are sampled: temperature must be > 0", field="temperature")
+        if self.beta < 0 or self.epsilon <= 0:
+            raise ConfigError("beta must be ≥ 0 and epsilon > 0", field="beta" if self.beta < 0 else "epsilon")
+        if isinstance(self.reward, str):
+            self.reward = [s for s in self.reward.split(",") if s]
+
+
+@dataclass
+class Rollout:
+    """One rollout batch: N = prompts x G right-padded rows (prompt + completion)."""
+    x: torch.Tensor          # (N, T) inputs
+    y: torch.Tensor          # (N, T) targets, -1 on pads
+    mask: torch.Tensor       # (N, T) 1 on completion targets
+    adv: torch.Tensor        # (N,) advantages
+    old_logp: torch.Tensor | None    # (N, T) per-token log-probs at rollout time (num_iterations > 1)
+    ref_logp: torch.Tensor | None    # (N, T) reference log-probs (beta > 0)
+    step: int                # the optimizer step that generated it
+
+    def to_state(self) -> dict:
+        def t(v):
+            return None if v is None else v.cpu().tolist()
+        return {"x": t(self.x), "y": t(self.y), "mask": t(self.mask), "adv": t(self.adv),
+                "old_logp": t(self.old_logp), "ref_logp": t(self.ref_logp), "step": self.step}
+
+    @classmethod
+    def from_state(cls, d: dict, device) -> "Rollout":
+        def t(v, dtype):
+            return None if v is None else torch.tensor(v, dtype=dtype, device=device)
+        return cls(t(d["x"], torch.long), t(d["y"], torch.long), t(d["mask"], torch.float32),
+                   t(d["adv"], torch.float32), t(d["old_logp"], torch.float32), t(d["ref_logp"], torch.float32),
+                   int(d["step"]))
+
+
+def token_logps(model, x, y, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token log-prob of each target (N, T), 0 off the mask; per-token entropy of the policy (N, T))."""
+    logits, per_token = model(x, targets=y, loss_mask=mask, reduction="none")
+    with torch.no_grad():
+        lp = torch.log_softmax(logits.float(), -1)
+        entropy = -(lp.exp() * lp).sum(-1) * mask
+    return -per_token, entropy
+
+
+class GRPOTask(Task):
+    def __init__(self, cfg: GRPOConfig, tok, *, family=None, prompt_rows=None, reward_fns, device, seed: int,
+                 reference=None):
+        self.cfg, self.tok, self.family, self.rows = cfg, tok, family, prompt_rows
+        self.reward_fns, self.device, self.seed = reward_fns, device, seed
+        self.reference = reference
+        self.pad = pad_id(tok)
+        from lmforge.eval.task import stop_ids
+        self.stops = stop_ids(tok)
+        self.rollout: Rollout | None = None
+        self.last_stats: dict = {}
+        self.val_problems = family.problems("eval", cfg.val_n, seed) if family is not None and cfg.val_n else []
+        self._problems = family.iter_problems("train", seed) if family is not None else None
+        self._drawn: list = []                     # training problems drawn so far (the stream is replayable)
+
+    # -- what the trainer keeps
+    def frozen_modules(self):
+        return {"reference": self.reference} if self.reference is not None else {}
+
+    # -- prompts
+    def _prompts(self, step: int):
+        """(messages, problem or None, extra columns) of the prompts of rollout `step`: consecutive prompts of
+        a seeded stream, so the k-th rollout's prompts depend only on (seed, k)."""
+        P = self.cfg.prompts_per_step
+        k = step // self.cfg.num_iterations
+        if self.family is not None:
+            while len(self._drawn) < (k + 1) * P:
+                self._drawn.append(next(self._problems))
+            probs = self._drawn[k * P:(k + 1) * P]
+            return [(p.messages, p, {}) for p in probs]
+        n = len(self.rows)
+        epoch, j = divmod(k * P, n)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n)
+        picked = [self.rows[int(order[(j + i) % n])] for i in range(P)]
+        return [(r.prompt, None, r.extra) for r in picked]
+
+    # -- rollouts
+    def before_step(self, model, step):
+        if step % self.cfg.num_iterations and self.rollout is not None:
+            return                                              # more iterations on the current batch
+        self.rollout = self._generate(model, step)
+
+    def _generate(self, model, step):
+        from lmforge.infer.engine import Engine
+        from lmforge.infer.sampling import SamplingParams
+        cfg, G = self.cfg, self.cfg.group_size
+        # a fresh engine each time: its batches then depend only on this rollout (not on the history of earlier
+        # ones), so a resumed run samples bit for bit what the uninterrupted run sampled
+        engine = Engine(model, self.tok, max_batch=cfg.prompts_per_step * G)
+        items = self._prompts(step)
+        ids = [render_chat(self.tok, m, add_generation_prompt=True)[0] for m, _, _ in items]
+        room = model.config.max_seq_len - max(len(i) for i in ids)
+        if room < 1:
+            raise ConfigError(f"a prompt of {max(len(i) for i in ids)} tokens leaves no room in the context of "
+                              f"{model.config.max_seq_len}", field="prompts")
+        outs: dict = {}
+        for i, p in enumerate(ids):
+            params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, n=G,
+                                    max_tokens=min(cfg.max_new_tokens, room), stop_token_ids=self.stops,
+                                    seed=(self.seed * 1_000_003 + step * 10_007 + i * G) % 2 ** 63)
+            engine.add_request(i, p, params, add_bos=False)
+        while engine.has_unfinished():
+            for o in engine.step():
+                outs.setdefault((o.request_id, o.index), []).extend(o.token_ids)
+        completions = [[outs.get((i, c), []) for c in range(G)] for i in range(len(items))]
+        texts = [self._text(c) for group in completions for c in group]
+        prompts = [m for m, _, _ in items for _ in range(G)]
+        problems = [p for _, p, _ in items for _ in range(G)]
+        keys = sorted({k for _, _, e in items for k in e})
+        columns = {k: [e.get(k) for _, _, e in items for _ in range(G)] for k in keys}
+        rewards, means = compute_rewards(self.reward_fns, prompts, texts, problems, columns)
+        adv, flat = group_advantages(rewards, G, scale=cfg.scale_rewards)
+        # rows: prompt + completion, right-padded; the completion's targets are trained
+        seqs = [(p, c) for p, group in zip(ids, completions) for c in group]
+        T = max(len(p) + len(c) for p, c in seqs) - 1
+        N = len(seqs)
+        x = torch.full((N, T), self.pad, dtype=torch.long)
+        y = torch.full((N, T), -1, dtype=torch.long)
+        mask = torch.zeros((N, T))
+        for r, (p, c) in enumerate(seqs):
+            full = torch.tensor(p + c)
+            n = len(full) - 1
+            x[r, :n], y[r, :n] = full[:-1], full[1:]
+            mask[r, len(p) - 1:n] = 1.0
+        x, y, mask = x.to(self.device), y.to(self.device), mask.to(self.device)
+        old = ref = None
+        if cfg.num_iterations > 1:
+            old = token_logps(model, x, y, mask)[0].float()
+        if self.reference is not None:
+            ref = token_logps(self.reference, x, y, mask)[0].float()
+        correct = None
+        if self.family is not None:
+            correct = float(np.mean([self.family.score(p, t) >= 1.0 for p, t in zip(problems, texts)]))
+        lengths = mask.sum(1)
+        self.last_stats = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+                           "zero_std_groups": float(flat.float().mean()),
+                           "completion_tokens": float(lengths.mean()),
+                           **({"accuracy": correct} if correct is not None else {}),
+                           **{f"rewards/{k}": v for k, v in means.items()}}
+        self.sample_text = (prompts[0][-1]["content"], texts[0])
+        return Rollout(x, y, mask, adv.float().to(self.device), old, ref, step)
+
+    def _text(self, ids: list[int]) -> str:
+        ids = [i for i in ids if i not in self.stops]
+        return self.tok.decode(ids)
+
+    # -- the loss
+    def batch(self, step, micro):
+        ro, B = self.rollout, self.cfg.train.batch_size
+        rows = slice(micro * B, (micro + 1) * B)
+        sub = lambda t: None if t is None else t[rows]   # noqa: E731
+        return ro.x[rows], ro.y[rows], ro.mask[rows], ro.adv[rows], sub(ro.old_logp), sub(ro.ref_logp)
+
+    def loss(self, model, batch):
+        cfg = self.cfg
+        x, y, mask, adv, old, ref = batch
+        logp, entropy = token_logps(model, x, y, mask)
+        old_logp = logp.detach() if old is None else old
+        per_tok, clipped = clipped_policy_loss(logp, old_logp, adv, mask, cfg.epsilon, cfg.epsilon_high)
+        kl = None
+        if ref is not None:
+            kl = k3_kl(logp, ref) * mask
+            per_tok = per_tok + cfg.beta * kl
+        n_rows = self.rollout.adv.numel()
+        if cfg.loss_type == "grpo":      # each completion's token mean, averaged over the rollout's completions
+            loss = (per_tok.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_rows
+        elif cfg.loss_type == "dapo":    # all tokens of the rollout weigh the same
+            loss = per_tok.sum() / self.rollout.mask.sum().clamp(min=1)
+        else:                            # dr_grpo: a constant normaliser, no length bias
+            loss = per_tok.sum() / (n_rows * cfg.max_new_tokens)
+        # the trainer divides by the micro-batches of a step; these normalisers already cover the whole rollout
+        loss = loss * self.micro_per_step
+        info = {"clip_fraction": float(masked_mean(clipped, mask)), "entropy": float(masked_mean(entropy, mask)),
+                "tokens": int(mask.sum()), **self.last_stats}
+        if kl is not None:
+            info["kl"] = float(masked_mean(kl.detach(), mask))
+        return loss, info
+
+    @property
+    def micro_per_step(self) -> int:
+        B = self.cfg.train.batch_size
+        return max(1, -(-self.rollout.adv.numel() // B)) if self.rollout is not None else 1
+
+    # -- evaluation
+    def evaluate(self, model, final=False):
+        if not self.val_problems:
+            return {}
+        from lmforge.eval.task import evaluate_task
+        res = evaluate_task(model, self.tok, self.family, n=len(self.val_problems), problems=self.val_problems,
+                            max_tokens=self.cfg.eval_max_tokens or self.cfg.max_new_tokens, progress=False)
+        return {"val_accuracy": res["greedy"]["accuracy"]}
+
+    def samples(self, model):
+        return [f"{q!r} -> {a!r}" for q, a in [getattr(self, "sample_text", ("", ""))]]
+
+    def state_dict(self):
+        return {"seed": self.seed, "rollout": self.rollout.to_state() if self.rollout is not None else None,
+                "rollout_stats": self.last_stats}
+
+    def load_state_dict(self, d):
+        if d.get("seed") != self.seed:
+            raise ConfigError("resuming with another seed would not continue the same run", field="seed")
+        if d.get("rollout") is not None:
+            self.rollout = Rollout.from_state(d["rollout"], self.device)
+            self.last_stats = d.get("rollout_stats") or {}
+
+
+def run_grpo(cfg: GRPOConfig, model, tok, base: str | None = None, load_model=None) -> dict:
+    """Train `model` with GRPO (see the module docstring). load_model(path) -> (model, tokenizer) reads reward
+    model directories named in cfg.reward."""
+    from lmforge.data import tasks
+    from lmforge.data.preference import read_prompts
+    from lmforge.runtime import detect_device
+
+    tcfg = cfg.train
+    if (cfg.task is None) == (cfg.prompts is None):
+        raise ConfigError("give the prompts: --task NAME (a built-in task family) or --prompts FILE.jsonl",
+                          field="task")
+    family = tasks.family(cfg.task) if cfg.task else None
+    rows = read_prompts(cfg.prompts) if cfg.prompts else None
+    device = detect_device(tcfg.device)
+    fns = resolve_rewards(cfg.reward, cfg.reward_weights, family=family, load_model=load_model)
+    reference = None
+    if cfg.beta > 0:
+        reference = copy.deepcopy(model).eval()
+        for p in reference.parameters():
+            p.requires_grad_(False)
+    task = GRPOTask(cfg, tok, family=family, prompt_rows=rows, reward_fns=fns, device=device, seed=tcfg.seed,
+                    reference=reference)
+    micro = -(-(cfg.prompts_per_step * cfg.group_size) // tcfg.batch_size)
+    if tcfg.grad_accum != micro:
+        tcfg.grad_accum = micro     # the rollout batch, split into micro-batches, is one optimizer step
+    chat, generation = inherited(base)
+    spec = CheckpointSpec(model_config=model.config.to_dict(), tokenizer=tok, generation_config=generation,
+                          extra={"stage": "grpo", "chat": chat, "base": str(base) if base else None,
+                                 "task": cfg.task, "prompts": cfg.prompts, "reward": list(cfg.reward)})
+    before = None
+    resumed = tcfg.resume and (Path(tcfg.out_dir) / "checkpoint").exists()
+    if task.val_problems and not resumed:
+        model.to(device).eval()
+        with torch.no_grad():
+            before = task.evaluate(model)["val_accuracy"]
+    t0 = time.time()
+    summary = train(model, task, tcfg, checkpoint=spec)
+    summary.update(wall_time=time.time() - t0, val_accuracy_before=before)
+    if int(os.environ.get("RANK", 0)) == 0:
+        run = Path(tcfg.out_dir)
+        plot_curves(run / "metrics.jsonl", run / "reward.png", title=run.name,
+                    keys=("reward", "accuracy", "val_accuracy", "kl"), ylabel="reward / accuracy")
+        atomic_write_text(Path(tcfg.out_dir) / "summary.json",
+                          json.dumps(summary, indent=2, default=str, ensure_ascii=False) + "\n")
+    return summary

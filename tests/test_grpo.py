@@ -213,3 +213,64 @@ def test_sampling_between_training_steps_sees_the_new_weights(tmp_path):
                                       progress=False, precision="fp32", threads=1),
           checkpoint=CheckpointSpec(model_config=model.config.to_dict()))
     assert seen == [True] * 4
+
+
+# ---- PPO ----------------------------------------------------------------------------------------------------------
+PPO_FAST = ["train.threads=1", "train.precision=fp32", "train.progress=false", "train.log_every=1", "val_n=0",
+            "prompts_per_step=8", "max_new_tokens=6", "train.eval_every=0", "ppo_epochs=2", "num_mini_batches=2"]
+
+
+def test_ppo_with_a_reward_model_raises_its_score(base, tmp_path, capsys):
+    """RLHF end to end: a reward model trained to prefer replies starting with 'yes', then PPO against it."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"q{i}?", "chosen": f"yes {i}", "rejected": f"no {i}"}) + "\n"
+                             for i in range(40)))
+    rm = tmp_path / "rm"
+    assert main(["reward", "train", "--checkpoint", str(base / "base"), "--data", str(pairs), "--out", str(rm),
+                 "train.max_steps=40", "train.lr=3e-3", "train.batch_size=8", "train.threads=1",
+                 "train.progress=false", "val_fraction=0"]) == 0
+    out = tmp_path / "ppo"
+    assert main(["ppo", "--checkpoint", str(base / "base"), "--reward-model", str(rm), "--prompts",
+                 str(base / "prompts.jsonl"), "--out", str(out), *PPO_FAST, "train.max_steps=48",
+                 "train.lr=3e-3"]) == 0
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "score" in r]
+    first, last = sum(r["score"] for r in rows[:4]) / 4, sum(r["score"] for r in rows[-4:]) / 4
+    assert last > first + 0.5, (first, last)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5) and rows[-1]["kl"] > 0   # starts AT the reference
+    for key in ("clip_fraction", "value_loss", "entropy", "approx_kl", "non_score_reward"):
+        assert key in rows[-1]
+    assert checkpoint.read_config(out)["stage"] == "ppo"
+    assert "ppo: 48 steps" in capsys.readouterr().out
+
+
+def test_ppo_minibatches_cover_the_rollout_each_epoch(base, on_path):
+    from lmforge.stages.ppo import PPOConfig, PPOTask
+    from lmforge.stages.rewards import resolve_rewards
+    from lmforge.data.preference import read_prompts
+    import lmforge
+    from lmforge.stages.reward import add_score_head
+    model, tok = lmforge.load(base / "base", device="cpu")
+    add_score_head(model)
+    cfg = PPOConfig(prompts=str(base / "prompts.jsonl"), reward=["rmod:ascii_share"], prompts_per_step=8,
+                    max_new_tokens=4, ppo_epochs=2, num_mini_batches=4, val_n=0)
+    import copy
+    task = PPOTask(cfg, tok, prompt_rows=read_prompts(cfg.prompts), device="cpu", seed=0,
+                   reward_fns=resolve_rewards(cfg.reward, None), reference=copy.deepcopy(model))
+    model.eval()
+    with torch.no_grad():
+        task.before_step(model, 0)
+    ro = task.rollout
+    assert ro.adv.shape == ro.mask.shape and float((ro.adv * (1 - ro.mask)).abs().sum()) == 0
+    assert abs(float(ro.adv[ro.mask > 0].mean())) < 1e-5                        # whitened over the tokens
+    for epoch in range(2):
+        seen = []
+        for mb in range(4):
+            b = task.batch(epoch * 4 + mb, 0)
+            seen += [tuple(r.tolist()) for r in b["x"]]
+        assert sorted(seen) == sorted(tuple(r.tolist()) for r in ro.x)            # every row once per epoch
+    with torch.no_grad():
+        task.before_step(model, 3)
+    assert task.rollout is ro                                                     # mid-cycle: same rollout
+    with torch.no_grad():
+        task.before_step(model, 8)
+    assert task.rollout is not ro and task.rollout.step == 8

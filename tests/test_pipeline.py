@@ -23,7 +23,9 @@ TINY = ["sources=[python-docs]", "tokenizer.vocab_size=400", "markov_orders=[1,2
         "sft.train.log_every=10", "sft.train.threads=1",
         "chat_eval.task=arithmetic:digits=1", "chat_eval.tool_task='arithmetic:digits=2,tools=true'",
         "chat_eval.n=8", "chat_eval.tool_n=3", "chat_eval.max_tokens=6", "chat_eval.tool_max_tokens=64",
-        "chat_eval.samples=1", "chat_eval.sample_tokens=64"]
+        "chat_eval.samples=1", "chat_eval.sample_tokens=64",
+        "grpo.train.max_steps=3", "grpo.group_size=2", "grpo.prompts_per_step=2", "grpo.max_new_tokens=4",
+        "grpo.train.batch_size=4", "grpo.train.threads=1"]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +65,14 @@ def test_quickstart_fine_tunes_for_chat_and_scores_it(quickstart_run):
     assert all(c["transcript"].startswith("user: What is ") for c in chats)
     te = summary["task_eval"]
     evals = {k: json.loads((out / "eval" / f"{k}.json").read_text())
-             for k in ("base", "sft", "base_tools", "sft_no_tools", "sft_tools")}
-    assert [p["prompt"] for p in evals["base"]["problems"]] == [p["prompt"] for p in evals["sft"]["problems"]]
+             for k in ("base", "sft", "grpo", "base_tools", "sft_no_tools", "sft_tools")}
+    assert [p["prompt"] for p in evals["base"]["problems"]] == [p["prompt"] for p in evals["sft"]["problems"]] == \
+        [p["prompt"] for p in evals["grpo"]["problems"]]
+    # GRPO from the SFT checkpoint on the direct task, rewarded by its verifier
+    g = summary["grpo"]
+    assert g["step"] == 3 and "reward" in g and (out / "grpo" / "checkpoint" / "model.safetensors").exists()
+    gcfg = json.loads((out / "grpo" / "checkpoint" / "config.json").read_text())
+    assert gcfg["stage"] == "grpo" and gcfg["task"] == "arithmetic:digits=1" and gcfg["reward"] == ["verifier"]
     assert [p["prompt"] for p in evals["sft_no_tools"]["problems"]] == \
         [p["prompt"] for p in evals["sft_tools"]["problems"]] == [p["prompt"] for p in evals["base_tools"]["problems"]]
     assert evals["base_tools"]["tools"] == ["calculator"]
@@ -83,7 +91,9 @@ def test_quickstart_fine_tunes_for_chat_and_scores_it(quickstart_run):
     assert "<|tool_call|>" in chats[1]["transcript"] and "\ntool: " in chats[1]["transcript"]
     report = (out / "report.md").read_text()
     assert "## Chat: supervised fine-tuning" in report and "Chat samples" in report
+    assert "Reinforcement learning: GRPO" in report
     for label in ("| base (pretrained) | arithmetic:digits=1 | 8 |", "| SFT | arithmetic:digits=1 | 8 |",
+                  "| SFT + GRPO | arithmetic:digits=1 | 8 |",
                   "| base (pretrained) + tools | arithmetic:digits=2,tools=true, tools: calculator | 3 |",
                   "| SFT, no tools |", "| SFT + tools | arithmetic:digits=2,tools=true, tools: calculator | 3 |"):
         assert label in report, label

@@ -183,3 +183,55 @@ def test_bad_pair_file_is_one_line_and_writes_nothing(base, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and f"{bad}:4" in err[0] and "the same" in err[0]
         assert not out.exists()
+
+
+# ---- best-of-N ----------------------------------------------------------------------------------------------------
+def test_best_of_n_rules_pick_from_the_same_samples(base):
+    from lmforge.eval.best_of import evaluate_best_of
+    model, tok = lmforge.load(base / "base", device="cpu")
+    fam = family("arithmetic:digits=1,ops=+")
+    probs = fam.problems("eval", 6, 0)
+    res = evaluate_best_of(model, tok, fam, probs, 4, max_tokens=4, progress=False,
+                           scorers={"last": lambda prompts, texts: [i % 4 for i in range(len(texts))]})
+    rows = res["problems"]
+    assert all(len(r["samples"]) == 4 and r["picks"]["last"] == 3 and r["picks"]["first sample"] == 0 for r in rows)
+    for rule, acc in res["accuracy"].items():
+        assert acc == pytest.approx(sum(r["correct"][r["picks"][rule]] for r in rows) / len(rows)), rule
+    assert res["accuracy"]["verifier"] == pytest.approx(sum(any(r["correct"]) for r in rows) / len(rows))
+    again = evaluate_best_of(model, tok, fam, probs, 4, max_tokens=4, progress=False)
+    assert [r["samples"] for r in again["problems"]] == [r["samples"] for r in rows]      # seeded
+
+
+def test_self_consistency_votes_then_breaks_ties_by_logprob():
+    from lmforge.eval.best_of import _vote
+    assert _vote(["= 5", "= 7", "= 5", "none"], [-1.0, -0.1, -2.0, 0.0]) == 0     # two votes for 5; its best sample
+    assert _vote(["= 5", "= 7"], [-1.0, -0.5]) == 1                                 # a tie: the likelier answer
+    assert _vote(["no", "answer"], [-3.0, -1.0]) == 1                               # nothing votes: mean logprob
+
+
+def test_eval_task_best_of_with_a_reward_model(base, tmp_path, capsys):
+    rm = tmp_path / "rm"
+    assert main(["reward", "train", "--checkpoint", str(base / "base"), "--data", str(base / "pairs.jsonl"),
+                 "--out", str(rm), "train.max_steps=2", *FAST]) == 0
+    capsys.readouterr()
+    assert main(["eval", "task", "--checkpoint", str(base / "base"), "--task", "arithmetic:digits=1,ops=+",
+                 "--n", "4", "--k", "0", "--max-tokens", "4", "--best-of", "3", "--reward-model", str(rm)]) == 0
+    out = capsys.readouterr().out
+    for rule in ("first sample", "mean logprob", "reward model", "verifier", "self-consistency"):
+        assert rule in out
+    assert main(["eval", "task", "--checkpoint", str(base / "base"), "--task", "arithmetic", "--reward-model",
+                 str(rm)]) == 2
+    assert "--best-of" in capsys.readouterr().err
+
+
+def test_the_models_own_wrong_answers_become_rejected_sides(base):
+    from lmforge.stages.pairs import model_pairs
+    model, tok = lmforge.load(base / "base", device="cpu")
+    fam = family("arithmetic:digits=1,ops=+")
+    pairs = model_pairs(model, tok, fam, 5, seed=0, split="train", samples=2, max_tokens=6)
+    assert len(pairs) == 5
+    for p in pairs:
+        a, b = p.prompt[-1]["content"].removeprefix("What is ").removesuffix("?").split(" + ")
+        problem = fam.make(int(a), "+", int(b))
+        assert fam.score(problem, p.chosen[0]["content"]) == 1.0
+        assert fam.score(problem, p.rejected[0]["content"]) == 0.0 and p.rejected[0]["content"].strip()

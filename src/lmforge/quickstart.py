@@ -61,12 +61,15 @@ class QuickstartConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(data=["arithmetic:digits=2"]))
     chat_eval: ChatEvalSection = field(default_factory=ChatEvalSection)
-    # RL after SFT on chat_eval.task (grpo.task, when unset), rewarded by its verifier; max_steps 0 skips it
+    # RL after SFT on chat_eval.task (grpo.task, when unset), rewarded by its verifier; rl: none skips it
+    rl: str = "grpo"
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
     def __post_init__(self):
         if not self.markov_orders or min(self.markov_orders) < 1:
             raise ConfigError("give at least one order ≥ 1", field="markov_orders")
+        if self.rl not in ("grpo", "none"):
+            raise ConfigError(f"rl must be grpo or none, got {self.rl!r}", field="rl")
         if self.split not in ("random", "tail"):
             raise ConfigError(f"split must be random or tail, got {self.split!r}", field="split")
 
@@ -163,7 +166,7 @@ def run_quickstart(cfg: QuickstartConfig, out: str | Path, progress: bool = True
 
     grpo = None
     gcfg = cfg.grpo
-    if gcfg.train.max_steps:
+    if cfg.rl == "grpo":
         from lmforge.stages.grpo import run_grpo
         gcfg.task = gcfg.task or cfg.chat_eval.task
         t = stage(f"GRPO: the SFT model on {gcfg.task}, rewarded by its verifier")
@@ -435,6 +438,15 @@ def _chat_report(r: dict) -> list[str]:
                                                     if "val_loss" in f else "") + ".",
              "", "### Chat samples (greedy, held-out prompts)", ""]
     lines += [f"```\n{x['transcript']}\n```" for x in r["chat_samples"]]
+    g = r.get("grpo")
+    if g:
+        gc = r["config"]["grpo"]
+        lines += ["", "### Reinforcement learning: GRPO", "",
+                  f"The SFT model trained further with GRPO on training problems of `{gc['task']}`, rewarded by the "
+                  f"task's verifier (1 for the exact answer, else 0): {g['step']} steps of {gc['prompts_per_step']} "
+                  f"prompts x {gc['group_size']} sampled answers (temperature {gc['temperature']:g}), advantages "
+                  f"relative to each prompt's group, {g['train_time']:.0f}s. Its row in the table below answers the "
+                  f"same held-out problems.", "", "![GRPO reward](grpo/reward.png)"]
     lines += ["", "### Task accuracy (greedy, held-out problems)", "",
               "Exact match on problems of the task's held-out split (never in training); the base model and the SFT "
               "model answer the same problems, and the SFT model answers the multi-digit problems once with the "

@@ -67,6 +67,11 @@ def task_arguments(p) -> None:
     p.add_argument("--temperature", type=positive_float, default=0.8, help="for sampled answers (default 0.8)")
     p.add_argument("--max-tokens", type=positive_int, default=64, help="answer budget in tokens (default 64)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="answers decoded together (default 64)")
+    p.add_argument("--best-of", type=positive_int, default=None, metavar="N",
+                   help="also accuracy at N: N sampled answers per problem, one picked by each rule (first sample, "
+                        "mean log-prob, the reward model, the verifier, self-consistency)")
+    p.add_argument("--reward-model", default=None, metavar="RM", help="with --best-of: a reward model checkpoint "
+                   "(lmforge reward train) as one more rule")
     p.add_argument("--out", default=None, metavar="FILE.json", help="also write the results (per problem) as JSON")
     add_device_option(p, help=None)
 
@@ -82,6 +87,8 @@ def cmd_task(args) -> int:
     from lmforge.runtime import detect_device
 
     fam = family(args.task)                         # a bad name or option fails before the model loads
+    if args.reward_model and not args.best_of:
+        raise ConfigError("ranks the samples of --best-of N: give --best-of too", field="--reward-model")
     if args.samples is not None and args.samples < args.k:
         raise ConfigError(f"must be at least --k ({args.k}), got {args.samples}", field="--samples")
     if args.out is not None and Path(args.out).is_dir():
@@ -94,6 +101,18 @@ def cmd_task(args) -> int:
     print(format_table(res))
     if res["n"] < args.n:
         print(f"note: the eval split of {fam.name} holds only {res['n']} problems")
+    if args.best_of:
+        from lmforge.eval.best_of import evaluate_best_of, format_best_of
+        scorers = {}
+        if args.reward_model:
+            from lmforge.infer.reward import RewardModel
+            rm = RewardModel(*lmforge.load(args.reward_model, device))
+            scorers["reward model"] = lambda prompts, texts: rm.rewards(
+                prompts, [[{"role": "assistant", "content": t}] for t in texts])
+        res["best_of"] = evaluate_best_of(model, tok, fam, fam.problems("eval", args.n, args.seed), args.best_of,
+                                          scorers=scorers, temperature=args.temperature, max_tokens=args.max_tokens,
+                                          seed=args.seed, batch_size=args.batch_size)
+        print(format_best_of(res["best_of"]))
     if args.out is not None:
         write_json(args.out, res)
         print(f"wrote {args.out}")

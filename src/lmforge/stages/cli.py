@@ -1,4 +1,4 @@
-"""The training stages' verbs: pretrain, distill, sft, reward train|score, dpo, grpo.
+"""The training stages' verbs: pretrain, distill, sft, reward train|score, dpo, grpo, ppo.
 
     lmforge pretrain --data runs/data --out runs/pretrain model.preset=cpu-small train.max_steps=500
     torchrun --nproc_per_node=8 -m lmforge pretrain --data runs/data --out runs/pretrain   # DDP (or FSDP)
@@ -9,6 +9,7 @@
     lmforge reward score --checkpoint runs/rm --data pairs.jsonl
     lmforge dpo --checkpoint runs/sft --data pairs.jsonl --out runs/dpo --loss sigmoid --beta 0.1
     lmforge grpo --checkpoint runs/sft --task arithmetic:digits=2 --reward verifier --out runs/grpo
+    lmforge ppo --checkpoint runs/sft --reward-model runs/rm --task arithmetic:digits=2 --out runs/ppo
 """
 from __future__ import annotations
 
@@ -284,6 +285,46 @@ def cmd_grpo(args) -> int:
     return 0
 
 
+def ppo_arguments(p) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="RUN", help="the policy to start from (an SFT model)")
+    p.add_argument("--reward-model", default=None, metavar="RM", help="a reward model (lmforge reward train)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--task", default=None, metavar="NAME",
+                     help="a built-in task family: its training problems are the prompts (its verifier's accuracy is "
+                          "logged)")
+    src.add_argument("--prompts", default=None, metavar="FILE", help='prompt JSONL ({"prompt": ...})')
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory (train.out_dir)")
+    p.add_argument("--recipe", default=None, help="YAML recipe (keys of PPOConfig)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same as train.resume=true)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="e.g. kl_coef=0.05 ppo_epochs=4 num_mini_batches=2 prompts_per_step=32 vf_coef=0.1 "
+                        "train.max_steps=64 train.lr=1e-5")
+
+
+def cmd_ppo(args) -> int:
+    import lmforge
+    from lmforge.config import load_config
+    from lmforge.stages.ppo import PPOConfig, run_ppo
+
+    args.data = None
+    _, over = data_and_overrides(args)
+    cfg = load_config(PPOConfig, args.recipe, over)
+    cfg.checkpoint = args.checkpoint
+    if args.task or args.prompts:
+        cfg.task, cfg.prompts = args.task, args.prompts
+    cfg.reward_model = args.reward_model or cfg.reward_model
+    model, tok = lmforge.load(cfg.checkpoint, device="cpu")
+    s = run_ppo(cfg, model, tok, base=cfg.checkpoint, load_model=lambda path: lmforge.load(path, device="cpu"))
+    acc = ""
+    if s.get("val_accuracy") is not None:
+        before = s.get("val_accuracy_before")
+        acc = (f"held-out greedy accuracy {100 * before:.1f}% -> " if before is not None else
+               "held-out greedy accuracy ") + f"{100 * s['val_accuracy']:.1f}%; "
+    print(f"ppo: {s['step']} steps in {s['train_time']:.1f}s, reward-model score {s.get('score', float('nan')):.3f}, "
+          f"KL {s.get('kl', float('nan')):.3f}; {acc}checkpoint {s['checkpoint']}")
+    return 0
+
+
 VERBS = [
     Verb(("pretrain",), "pretrain a Transformer on token shards (torchrun-aware: DDP/FSDP)", pretrain_arguments,
          cmd_pretrain),
@@ -300,4 +341,6 @@ VERBS = [
          dpo_arguments, cmd_dpo),
     Verb(("grpo",), "reinforcement learning with group-relative advantages on checkable rewards (a verifier, a "
                     "reward model, your function)", grpo_arguments, cmd_grpo),
+    Verb(("ppo",), "RLHF with PPO: a reward model's score, a KL penalty to the start, a value head, GAE",
+         ppo_arguments, cmd_ppo),
 ]

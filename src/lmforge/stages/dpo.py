@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from lmforge.errors import ConfigError
 from lmforge.io import atomic_write_text
-from lmforge.stages.pairs import (PairRows, batch_index, collate_pairs, inherited, load_pairs, pad_id,
-                                  render_pairs)
+from lmforge.stages.pairs import PairRows, batch_index, collate_pairs, inherited, load_pairs, render_pairs
+from lmforge.tokenizer.chat import pad_id
 from lmforge.train.objectives import DPO_LOSSES, dpo_loss
 from lmforge.train.metrics import plot_curves
 from lmforge.train.task import Task
@@ -52,6 +52,12 @@ class DPOConfig:
     pairs_n: int = 4000
     val_n: int = 200
     val_fraction: float = 0.05
+    # built-in tasks: this share of the pairs rejects the starting model's OWN wrong answer (sampled
+    # own_samples times per problem at own_temperature), the rest a hand-made wrong one
+    own_fraction: float = 0.0
+    own_samples: int = 4
+    own_temperature: float = 1.0
+    own_max_tokens: int = 32
     seq_len: int | None = None
     eval_batch_size: int = 32
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
@@ -65,6 +71,8 @@ class DPOConfig:
             raise ConfigError("must be in [0, 0.5)", field="label_smoothing")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError("must be in [0, 1)", field="val_fraction")
+        if not 0 <= self.own_fraction <= 1:
+            raise ConfigError("must be in [0, 1]", field="own_fraction")
 
 
 def reply_logps(model, x, y, mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +162,9 @@ def run_dpo(cfg: DPOConfig, model, tok, base: str | None = None) -> dict:
         raise ConfigError(f"{seq_len} exceeds the model's context of {model.config.max_seq_len} tokens",
                           field="seq_len")
     train_pairs, val_pairs = load_pairs(cfg.data, n=cfg.pairs_n, val_fraction=cfg.val_fraction, val_n=cfg.val_n,
-                                        seed=tcfg.seed)
+                                        seed=tcfg.seed, model=model, tok=tok, own_fraction=cfg.own_fraction,
+                                        own_samples=cfg.own_samples, own_temperature=cfg.own_temperature,
+                                        own_max_tokens=cfg.own_max_tokens)
     rows = render_pairs(tok, train_pairs, seq_len)
     val = render_pairs(tok, val_pairs, seq_len) if val_pairs else None
     device = detect_device(tcfg.device)

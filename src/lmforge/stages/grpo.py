@@ -29,7 +29,7 @@ import copy
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +37,9 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.io import atomic_write_text
-from lmforge.stages.pairs import inherited, pad_id
+from lmforge.stages.pairs import inherited
 from lmforge.stages.rewards import compute_rewards, resolve_rewards
-from lmforge.tokenizer.chat import render_chat
+from lmforge.tokenizer.chat import pad_id, render_chat
 from lmforge.train.objectives import clipped_policy_loss, group_advantages, k3_kl, masked_mean
 from lmforge.train.metrics import plot_curves
 from lmforge.train.task import Task
@@ -102,28 +102,40 @@ class GRPOConfig:
 
 @dataclass
 class Rollout:
-    """One rollout batch: N = prompts x G right-padded rows (prompt + completion)."""
+    """One rollout batch: N = prompts x G right-padded rows (prompt + completion). JSON-able as task state."""
     x: torch.Tensor          # (N, T) inputs
     y: torch.Tensor          # (N, T) targets, -1 on pads
     mask: torch.Tensor       # (N, T) 1 on completion targets
-    adv: torch.Tensor        # (N,) advantages
-    old_logp: torch.Tensor | None    # (N, T) per-token log-probs at rollout time (num_iterations > 1)
+    adv: torch.Tensor        # (N,) per completion (GRPO) or (N, T) per token (PPO)
+    old_logp: torch.Tensor | None    # (N, T) per-token log-probs at rollout time
     ref_logp: torch.Tensor | None    # (N, T) reference log-probs (beta > 0)
     step: int                # the optimizer step that generated it
+    values: torch.Tensor | None = None     # PPO: (N, T) the value head at rollout time
+    returns: torch.Tensor | None = None    # PPO: (N, T) GAE returns
+
+    _LONG = ("x", "y")
 
     def to_state(self) -> dict:
-        def t(v):
-            return None if v is None else v.cpu().tolist()
-        return {"x": t(self.x), "y": t(self.y), "mask": t(self.mask), "adv": t(self.adv),
-                "old_logp": t(self.old_logp), "ref_logp": t(self.ref_logp), "step": self.step}
+        return {f.name: (v.cpu().tolist() if isinstance(v, torch.Tensor) else v)
+                for f in fields(self) for v in [getattr(self, f.name)]}
 
     @classmethod
     def from_state(cls, d: dict, device) -> "Rollout":
-        def t(v, dtype):
-            return None if v is None else torch.tensor(v, dtype=dtype, device=device)
-        return cls(t(d["x"], torch.long), t(d["y"], torch.long), t(d["mask"], torch.float32),
-                   t(d["adv"], torch.float32), t(d["old_logp"], torch.float32), t(d["ref_logp"], torch.float32),
-                   int(d["step"]))
+        def t(name):
+            v = d.get(name)
+            if v is None or name == "step":
+                return v
+            return torch.tensor(v, dtype=torch.long if name in cls._LONG else torch.float32, device=device)
+        return cls(**{f.name: t(f.name) for f in fields(cls)})
+
+
+@dataclass
+class Sampled:
+    x: torch.Tensor          # (N, T) prompt + completion inputs, right-padded
+    y: torch.Tensor          # (N, T) targets, -1 on pads
+    mask: torch.Tensor       # (N, T) 1 on completion targets
+    rewards: torch.Tensor    # (N,) float64, the weighted sum of the reward functions
+    ended: torch.Tensor      # (N,) the completion ended with a stop token (not cut by the budget)
 
 
 def token_logps(model, x, y, mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,6 +190,18 @@ class GRPOTask(Task):
         self.rollout = self._generate(model, step)
 
     def _generate(self, model, step):
+        s = self._sample(model, step)
+        adv, flat = group_advantages(s.rewards, self.cfg.group_size, scale=self.cfg.scale_rewards)
+        old = ref = None
+        if self.cfg.num_iterations > 1:
+            old = token_logps(model, s.x, s.y, s.mask)[0].float()
+        if self.reference is not None:
+            ref = token_logps(self.reference, s.x, s.y, s.mask)[0].float()
+        self.last_stats["zero_std_groups"] = float(flat.float().mean())
+        return Rollout(s.x, s.y, s.mask, adv.float().to(self.device), old, ref, step)
+
+    def _sample(self, model, step) -> "Sampled":
+        """The rollout's completions, their rewards and their rows (shared with PPO); sets last_stats."""
         from lmforge.infer.engine import Engine
         from lmforge.infer.sampling import SamplingParams
         cfg, G = self.cfg, self.cfg.group_size
@@ -206,7 +230,6 @@ class GRPOTask(Task):
         keys = sorted({k for _, _, e in items for k in e})
         columns = {k: [e.get(k) for _, _, e in items for _ in range(G)] for k in keys}
         rewards, means = compute_rewards(self.reward_fns, prompts, texts, problems, columns)
-        adv, flat = group_advantages(rewards, G, scale=cfg.scale_rewards)
         # rows: prompt + completion, right-padded; the completion's targets are trained
         seqs = [(p, c) for p, group in zip(ids, completions) for c in group]
         T = max(len(p) + len(c) for p, c in seqs) - 1
@@ -214,28 +237,23 @@ class GRPOTask(Task):
         x = torch.full((N, T), self.pad, dtype=torch.long)
         y = torch.full((N, T), -1, dtype=torch.long)
         mask = torch.zeros((N, T))
+        ended = torch.zeros(N, dtype=torch.bool)
         for r, (p, c) in enumerate(seqs):
             full = torch.tensor(p + c)
             n = len(full) - 1
             x[r, :n], y[r, :n] = full[:-1], full[1:]
             mask[r, len(p) - 1:n] = 1.0
-        x, y, mask = x.to(self.device), y.to(self.device), mask.to(self.device)
-        old = ref = None
-        if cfg.num_iterations > 1:
-            old = token_logps(model, x, y, mask)[0].float()
-        if self.reference is not None:
-            ref = token_logps(self.reference, x, y, mask)[0].float()
+            ended[r] = bool(c) and c[-1] in self.stops
         correct = None
         if self.family is not None:
             correct = float(np.mean([self.family.score(p, t) >= 1.0 for p, t in zip(problems, texts)]))
-        lengths = mask.sum(1)
         self.last_stats = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
-                           "zero_std_groups": float(flat.float().mean()),
-                           "completion_tokens": float(lengths.mean()),
+                           "completion_tokens": float(mask.sum(1).mean()),
                            **({"accuracy": correct} if correct is not None else {}),
                            **{f"rewards/{k}": v for k, v in means.items()}}
         self.sample_text = (prompts[0][-1]["content"], texts[0])
-        return Rollout(x, y, mask, adv.float().to(self.device), old, ref, step)
+        dev = self.device
+        return Sampled(x.to(dev), y.to(dev), mask.to(dev), rewards, ended.to(dev))
 
     def _text(self, ids: list[int]) -> str:
         ids = [i for i in ids if i not in self.stops]

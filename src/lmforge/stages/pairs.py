@@ -35,10 +35,13 @@ class PairRows:
         return len(self.chosen)
 
 
-def load_pairs(sources: list[str], *, n: int, val_fraction: float, val_n: int, seed: int
-               ) -> tuple[list[Pair], list[Pair]]:
+def load_pairs(sources: list[str], *, n: int, val_fraction: float, val_n: int, seed: int, model=None, tok=None,
+               own_fraction: float = 0.0, own_samples: int = 4, own_temperature: float = 1.0,
+               own_max_tokens: int = 32) -> tuple[list[Pair], list[Pair]]:
     """(train, held-out) pairs: JSONL files split by a hash of each row, built-in task families (by name) give
-    n pairs from their train split and val_n from their eval split."""
+    n pairs from their train split and val_n from their eval split. With own_fraction > 0 (and the model), that
+    share of a family's pairs have the MODEL's own wrong answer as the rejected side (`model_pairs`); the rest
+    are made wrong by hand (lmforge.data.preference.task_pairs)."""
     from lmforge.data import tasks
 
     if not sources:
@@ -48,8 +51,12 @@ def load_pairs(sources: list[str], *, n: int, val_fraction: float, val_n: int, s
     for src in sources:
         if tasks.is_builtin(src):
             fam = tasks.family(src)
-            train += task_pairs(fam, n, seed, "train")
-            val += task_pairs(fam, val_n, seed, "eval") if val_n else []
+            for split, count, out in (("train", n, train), ("eval", val_n, val)):
+                own = round(count * own_fraction) if model is not None else 0
+                mine = model_pairs(model, tok, fam, own, seed, split, own_samples, own_temperature, own_max_tokens)
+                out += mine
+                if count > len(mine):
+                    out += task_pairs(fam, count - len(mine), seed + 1, split)
             continue
         for p in read_pairs(src):
             key = json.dumps([p.prompt, p.chosen, p.rejected], sort_keys=True, ensure_ascii=False)
@@ -58,6 +65,51 @@ def load_pairs(sources: list[str], *, n: int, val_fraction: float, val_n: int, s
     if not train:
         raise DataError("no training pairs (every pair went to validation: lower val_fraction)")
     return train, val
+
+
+def model_pairs(model, tok, family, n: int, seed: int, split: str, samples: int = 4, temperature: float = 1.0,
+                max_tokens: int = 32, batch: int = 64) -> list[Pair]:
+    """Up to n pairs whose rejected side is the model's own wrong answer: `samples` answers per problem of the
+    split at `temperature`; a problem with a wrong answer gives (demonstration, that answer). What a policy
+    actually gets wrong is the most useful thing to learn to avoid (on-policy negatives)."""
+    from lmforge.eval.task import stop_ids
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import SamplingParams
+
+    if n < 1:
+        return []
+    stops = stop_ids(tok)
+    pairs: list[Pair] = []
+    problems = family.iter_problems(split, seed)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        while len(pairs) < n:
+            chunk = [p for _, p in zip(range(batch), problems)]
+            if not chunk:
+                break
+            engine = Engine(model, tok, max_batch=batch * samples)
+            for i, p in enumerate(chunk):
+                ids, _ = render_chat(tok, p.messages, add_generation_prompt=True)
+                params = SamplingParams(temperature=temperature, n=samples, max_tokens=max_tokens,
+                                        stop_token_ids=stops, seed=(seed * 7919 + len(pairs) * 131 + i) % 2 ** 63)
+                engine.add_request(i, ids, params, add_bos=False)
+            answers: dict = {}
+            while engine.has_unfinished():
+                for o in engine.step():
+                    answers.setdefault((o.request_id, o.index), []).append(o.text)
+            for i, p in enumerate(chunk):
+                wrong = next(("".join(answers[(i, j)]) for j in range(samples)
+                              if family.score(p, "".join(answers[(i, j)])) < 1.0 and "".join(answers[(i, j)]).strip()),
+                             None)
+                demo = family.demonstration(p)
+                if wrong is not None and wrong != demo[-1]["content"]:
+                    pairs.append(Pair(demo[:-1], [demo[-1]], [{"role": "assistant", "content": wrong}],
+                                      file=f"{family.name} (model samples)"))
+                if len(pairs) >= n:
+                    break
+    model.train(was_training)
+    return pairs
 
 
 def _side(tok, pair: Pair, side: list[dict], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,13 +164,6 @@ def collate_pairs(rows: PairRows, index, pad_id: int, device):
         m[r, :n - 1] = torch.from_numpy(mk[1:])
         last[r] = n - 1
     return x.to(device), y.to(device), m.to(device), last.to(device)
-
-
-def pad_id(tok) -> int:
-    """The id right-padded rows are filled with: the tokenizer's pad, else EOS, else 0 (any id would do: real
-    tokens never attend to pads after them and pad targets are ignored)."""
-    pad = tok.role_token("pad") or tok.role_token("eos")
-    return tok.special_tokens[pad] if pad is not None else 0
 
 
 def pair_order(n: int, seed: int, epoch: int) -> np.ndarray:

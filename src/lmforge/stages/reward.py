@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from lmforge.errors import ConfigError, DataError
+from lmforge.infer.reward import RewardModel, pair_rewards  # noqa: F401  (RewardModel: scoring lives in infer)
 from lmforge.io import atomic_write_text
-from lmforge.stages.pairs import (PairRows, batch_index, collate_pairs, inherited, load_pairs, pad_id,
-                                  render_pairs)
-from lmforge.tokenizer.chat import render_chat
+from lmforge.stages.pairs import PairRows, batch_index, collate_pairs, inherited, load_pairs, render_pairs
+from lmforge.tokenizer.chat import pad_id
 from lmforge.train.objectives import bradley_terry_loss
 from lmforge.train.metrics import plot_curves
 from lmforge.train.task import Task
@@ -48,7 +48,13 @@ class RewardConfig:
     data: list[str] = field(default_factory=list)   # preference JSONL files and/or built-in task names
     pairs_n: int = 4000             # training pairs drawn from each built-in task
     val_n: int = 200                # held-out pairs per built-in task (its eval split)
-    val_fraction: float = 0.05      # share of each file's pairs held out (by a hash of the pair)
+    val_fraction: float = 0.05
+    # built-in tasks: this share of the pairs rejects the starting model's OWN wrong answer (sampled
+    # own_samples times per problem at own_temperature), the rest a hand-made wrong one
+    own_fraction: float = 0.0
+    own_samples: int = 4
+    own_temperature: float = 1.0
+    own_max_tokens: int = 32      # share of each file's pairs held out (by a hash of the pair)
     seq_len: int | None = None      # longest side of a pair in tokens (default: the model's context)
     use_margin: bool = True         # subtract the rows' "margin" in the loss (Llama 2)
     eval_batch_size: int = 32
@@ -57,17 +63,13 @@ class RewardConfig:
     def __post_init__(self):
         if not 0 <= self.val_fraction < 1:
             raise ConfigError("must be in [0, 1)", field="val_fraction")
+        if not 0 <= self.own_fraction <= 1:
+            raise ConfigError("must be in [0, 1]", field="own_fraction")
         for name in ("pairs_n", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError("must be ≥ 1", field=name)
         if self.val_n < 0:
             raise ConfigError("must be ≥ 0", field="val_n")
-
-
-def pair_rewards(model, x, last) -> torch.Tensor:
-    """The score head's output at each row's last real token: (rows,)."""
-    _, _, scores = model(x, return_logits=False, return_scores=True)
-    return scores[torch.arange(x.size(0), device=x.device), last, 0].float()
 
 
 class RewardTask(Task):
@@ -151,7 +153,9 @@ def run_reward_train(cfg: RewardConfig, model, tok, base: str | None = None) -> 
         raise ConfigError(f"{seq_len} exceeds the model's context of {model.config.max_seq_len} tokens",
                           field="seq_len")
     train_pairs, val_pairs = load_pairs(cfg.data, n=cfg.pairs_n, val_fraction=cfg.val_fraction, val_n=cfg.val_n,
-                                        seed=tcfg.seed)
+                                        seed=tcfg.seed, model=model, tok=tok, own_fraction=cfg.own_fraction,
+                                        own_samples=cfg.own_samples, own_temperature=cfg.own_temperature,
+                                        own_max_tokens=cfg.own_max_tokens)
     rows = render_pairs(tok, train_pairs, seq_len)
     val = render_pairs(tok, val_pairs, seq_len) if val_pairs else None
     add_score_head(model)
@@ -172,36 +176,6 @@ def run_reward_train(cfg: RewardConfig, model, tok, base: str | None = None) -> 
         atomic_write_text(Path(tcfg.out_dir) / "summary.json",
                           json.dumps(summary, indent=2, default=str, ensure_ascii=False) + "\n")
     return summary
-
-
-class RewardModel:
-    """A trained reward model that scores conversations: rewards(prompts, replies) -> list[float]."""
-
-    def __init__(self, model, tok, batch_size: int = 32):
-        if getattr(model, "score", None) is None:
-            raise DataError("this checkpoint has no score head: not a reward model (train one with "
-                            "`lmforge reward train`)", file=getattr(model, "loaded_from", None))
-        self.model, self.tok, self.batch_size = model.eval(), tok, batch_size
-        self.pad = pad_id(tok)
-
-    @torch.no_grad()
-    def rewards(self, prompts: list[list[dict]], replies: list[list[dict]], tools=None) -> list[float]:
-        ctx = self.model.config.max_seq_len
-        seqs = []
-        for p, r in zip(prompts, replies):
-            ids, _ = render_chat(self.tok, p + r, tools)
-            seqs.append(ids[-ctx:])           # the end of a too-long conversation (the reply) is what is scored
-        out = []
-        dev = self.model.tok_emb.weight.device
-        for s in range(0, len(seqs), self.batch_size):
-            chunk = seqs[s:s + self.batch_size]
-            T = max(len(c) for c in chunk)
-            x = torch.full((len(chunk), T), self.pad, dtype=torch.long)
-            for i, c in enumerate(chunk):
-                x[i, :len(c)] = torch.tensor(c)
-            last = torch.tensor([len(c) - 1 for c in chunk])
-            out += pair_rewards(self.model, x.to(dev), last.to(dev)).tolist()
-        return out
 
 
 def score_file(rm: RewardModel, path: str) -> list[dict]:

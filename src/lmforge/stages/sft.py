@@ -38,8 +38,7 @@ import torch
 from lmforge.data.chat import Conversation, parse_row, read_conversations
 from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.io import atomic_write_text
-from lmforge.tokenizer.chat import end_of_turn_id, render_chat, uses_lmforge_template
-from lmforge.stages.pairs import pad_id
+from lmforge.tokenizer.chat import end_of_turn_id, pad_id, render_chat, uses_lmforge_template
 from lmforge.train.task import Task
 from lmforge.train.trainer import CheckpointSpec, TrainConfig, train
 

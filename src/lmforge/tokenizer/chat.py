@@ -444,3 +444,10 @@ def _empty_render(tok, tools, prompt: bool) -> str | None:
         return _jinja_render(tok, [], tools, prompt)
     except DataError:
         return None
+
+
+def pad_id(tok) -> int:
+    """The id right-padded rows are filled with: the tokenizer's pad, else EOS, else 0 (any id would do: real
+    tokens never attend to pads after them and pad targets are ignored)."""
+    pad = tok.role_token("pad") or tok.role_token("eos")
+    return tok.special_tokens[pad] if pad is not None else 0

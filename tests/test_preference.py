@@ -137,6 +137,9 @@ def test_reward_model_learns_the_preference_and_scores_files(base, tmp_path, cap
                  "--json"]) == 0
     scored = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert all(r["prefers_chosen"] for r in scored[:10]) and "reward" in scored[10]
+    # exporting it to Hugging Face keeps the language model and says the score head is left out
+    assert main(["export", "hf", "--checkpoint", str(out), "--out", str(tmp_path / "hf")]) == 0
+    assert "score head" in capsys.readouterr().err and (tmp_path / "hf" / "config.json").is_file()
 
 
 def test_a_language_model_is_not_a_reward_model(base, tmp_path, capsys):

@@ -460,6 +460,9 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, progress: bool = True)
     tok = Tokenizer.load(path / "tokenizer")
     hc, family = hf_config(cfg, tok)
     _check_out(out, "config.json")
+    if cfg.score_dim:
+        print(f"lmforge: warning: the {cfg.score_dim}-output score head (a reward model's or PPO value head) is not "
+              "exported: a Hugging Face causal LM has no place for it", file=sys.stderr)
 
     ours = SafetensorsDir(path)
     check_weights(ours, cfg, path / "model.safetensors")

@@ -109,6 +109,34 @@ CASES = {
         ("unknown-source", lambda f: ["--checkpoint", f / "ck", "--data", "nosuchsource", "--out", "run"]),
         ("missing-base", lambda f: ["--checkpoint", f / "nope", "--data", f / "notes.txt", "--out", "run"]),
     ],
+    ("reward", "train"): [
+        ("pairs-not-json", lambda f: ["--checkpoint", f / "ck", "--data", f / "notes.txt", "--out", "run"]),
+        ("missing-base", lambda f: ["--checkpoint", f / "nope", "--data", f / "notes.txt", "--out", "run"]),
+        ("source-without-scorer", lambda f: ["--checkpoint", f / "ck", "--data", "chatterbot", "--out", "run"]),
+    ],
+    ("reward", "score"): [
+        ("not-a-reward-model", lambda f: ["--checkpoint", f / "ck", "--data", f / "notes.txt"]),
+        ("missing-checkpoint", lambda f: ["--checkpoint", f / "nope", "--data", f / "notes.txt"]),
+    ],
+    ("dpo",): [
+        ("pairs-not-json", lambda f: ["--checkpoint", f / "ck", "--data", f / "notes.txt", "--out", "run"]),
+        ("unknown-loss", lambda f: ["--checkpoint", f / "ck", "--data", f / "notes.txt", "--out", "run", "loss=kto"]),
+    ],
+    ("grpo",): [
+        ("no-prompts", lambda f: ["--checkpoint", f / "ck", "--out", "run"]),
+        ("prompts-not-json", lambda f: ["--checkpoint", f / "ck", "--prompts", f / "notes.txt", "--out", "run"]),
+        ("group-of-one", lambda f: ["--checkpoint", f / "ck", "--task", "arithmetic", "--out", "run",
+                                    "group_size=1"]),
+        ("reward-module-missing", lambda f: ["--checkpoint", f / "ck", "--task", "arithmetic", "--reward",
+                                             "nosuchmodule:fn", "--out", "run"]),
+    ],
+    ("ppo",): [
+        ("no-reward", lambda f: ["--checkpoint", f / "ck", "--task", "arithmetic", "--out", "run"]),
+        ("reward-model-is-a-language-model", lambda f: ["--checkpoint", f / "ck", "--task", "arithmetic",
+                                                        "--reward-model", f / "ck", "--out", "run"]),
+        ("minibatches-do-not-split", lambda f: ["--checkpoint", f / "ck", "--task", "arithmetic", "--reward-model",
+                                                f / "ck", "--out", "run", "num_mini_batches=5"]),
+    ],
     ("distill",): [
         ("teacher-of-another-vocabulary", lambda f: ["--teacher", f / "ck", "--data", f / "data", "--out", "run",
                                                      "train.max_steps=1", "model.overrides={vocab_size: 400}"]),

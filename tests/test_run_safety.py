@@ -90,7 +90,7 @@ def test_two_pretrain_processes_on_one_out(tmp_path, shards):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "lmforge", "pretrain", "--data", str(shards), "--out", str(out),
            "model.preset=tiny", "model.overrides={max_seq_len: 32}", "seq_len=32", "train.batch_size=4",
-           "train.max_steps=120", "train.log_every=1", "train.eval_every=0", "train.save_every=40",
+           "train.max_steps=600", "train.log_every=1", "train.eval_every=0", "train.save_every=200",
            "train.precision=fp32", "train.threads=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -111,5 +111,5 @@ def test_two_pretrain_processes_on_one_out(tmp_path, shards):
             first.kill()
     assert first.returncode == 0, err[-2000:]
     steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
-    assert steps == list(range(1, 121))
-    assert ckpt.load_trainer_state(out / "checkpoint")[0]["step"] == 120
+    assert steps == list(range(1, 601))
+    assert ckpt.load_trainer_state(out / "checkpoint")[0]["step"] == 600

@@ -140,6 +140,8 @@ def test_reward_model_learns_the_preference_and_scores_files(base, tmp_path, cap
     # exporting it to Hugging Face keeps the language model and says the score head is left out
     assert main(["export", "hf", "--checkpoint", str(out), "--out", str(tmp_path / "hf")]) == 0
     assert "score head" in capsys.readouterr().err and (tmp_path / "hf" / "config.json").is_file()
+    assert main(["export", "gguf", "--checkpoint", str(out), "--out", str(tmp_path / "rm.gguf")]) == 0
+    assert "score head" in capsys.readouterr().err and (tmp_path / "rm.gguf").is_file()
 
 
 def test_a_language_model_is_not_a_reward_model(base, tmp_path, capsys):

@@ -213,6 +213,9 @@ def export_gguf(checkpoint: str | Path, out: str | Path, qtype: str = "f16", *, 
     ckpt.require_full_weights(path)   # a LoRA run: adapters only
     cfg = ModelConfig.from_checkpoint(path)
     check_exportable(cfg)
+    if cfg.score_dim:
+        print(f"lmforge: warning: the {cfg.score_dim}-output score head (a reward model's or PPO value head) is not "
+              "exported: a GGUF language model has no place for it", file=sys.stderr)
     tok = Tokenizer.load(path / "tokenizer")
     weights = SafetensorsDir(path)
     check_weights(weights, cfg, path / "model.safetensors")

@@ -59,13 +59,19 @@ def parse_row(row) -> Conversation:
 
 def read_conversations(path: str | Path) -> Iterator[Conversation]:
     """The conversations of a JSONL file, streamed (one row in memory at a time)."""
+    return read_jsonl_items(path, parse_row, "conversations")
+
+
+def read_jsonl_items(path: str | Path, parse, what: str = "rows") -> Iterator:
+    """parse(row) for every non-blank line of a JSONL file, streamed; each item gets .file and .line. A file that
+    cannot be read, invalid UTF-8 or JSON, or a row `parse` rejects (DataError) stops with file:line."""
     path = Path(path)
     try:
         f = open(path, "rb")
     except FileNotFoundError:
         raise DataError("file not found", file=str(path)) from None
     except IsADirectoryError:
-        raise DataError("is a directory, expected a .jsonl file of conversations", file=str(path)) from None
+        raise DataError(f"is a directory, expected a .jsonl file of {what}", file=str(path)) from None
     except OSError as e:
         raise DataError(f"cannot read: {e.strerror or e}", file=str(path)) from None
     with f:
@@ -79,12 +85,10 @@ def read_conversations(path: str | Path) -> Iterator[Conversation]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                item = parse(json.loads(line))
             except json.JSONDecodeError as e:
                 raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", file=str(path), line=n) from None
-            try:
-                conv = parse_row(row)
             except DataError as e:
                 raise DataError(e.message, file=str(path), line=n) from None
-            conv.file, conv.line = str(path), n
-            yield conv
+            item.file, item.line = str(path), n
+            yield item

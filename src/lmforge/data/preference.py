@@ -23,14 +23,13 @@ own wrong sample.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.data.chat import read_jsonl_items
 from lmforge.errors import DataError
 from lmforge.tokenizer.chat import validate_messages, validate_tools
 
@@ -112,45 +111,15 @@ def parse_prompt_row(row) -> PromptRow:
     return PromptRow(prompt, extra, validate_tools(row.get("tools")))
 
 
-def read_jsonl_items(path: str | Path, parse) -> Iterator:
-    path = Path(path)
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise DataError("file not found", file=str(path)) from None
-    except IsADirectoryError:
-        raise DataError("is a directory, expected a .jsonl file", file=str(path)) from None
-    except OSError as e:
-        raise DataError(f"cannot read: {e.strerror or e}", file=str(path)) from None
-    with f:
-        for n, raw in enumerate(f, start=1):
-            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataError("invalid UTF-8 (a JSONL file is UTF-8 text)", file=str(path), line=n) from None
-            if not line.strip():
-                continue
-            try:
-                item = parse(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", file=str(path), line=n) from None
-            except DataError as e:
-                raise DataError(e.message, file=str(path), line=n) from None
-            item.file, item.line = str(path), n
-            yield item
-
-
 def read_pairs(path: str | Path) -> list[Pair]:
-    pairs = list(read_jsonl_items(path, parse_pair))
+    pairs = list(read_jsonl_items(path, parse_pair, "preference pairs"))
     if not pairs:
         raise DataError("no preference pairs", file=str(path))
     return pairs
 
 
 def read_prompts(path: str | Path) -> list[PromptRow]:
-    rows = list(read_jsonl_items(path, parse_prompt_row))
+    rows = list(read_jsonl_items(path, parse_prompt_row, "prompts"))
     if not rows:
         raise DataError("no prompts", file=str(path))
     return rows

@@ -349,6 +349,12 @@ def run_grpo(cfg: GRPOConfig, model, tok, base: str | None = None, load_model=No
     spec = CheckpointSpec(model_config=model.config.to_dict(), tokenizer=tok, generation_config=generation,
                           extra={"stage": "grpo", "chat": chat, "base": str(base) if base else None,
                                  "task": cfg.task, "prompts": cfg.prompts, "reward": list(cfg.reward)})
+    return train_rl(task, model, tcfg, spec, device, ("reward", "accuracy", "val_accuracy", "kl"), "reward / accuracy")
+
+
+def train_rl(task, model, tcfg, spec, device, plot_keys, ylabel) -> dict:
+    """The part GRPO and PPO share: held-out accuracy before (not on a resume), the one trainer, the curves and
+    summary.json (rank 0)."""
     before = None
     resumed = tcfg.resume and (Path(tcfg.out_dir) / "checkpoint").exists()
     if task.val_problems and not resumed:
@@ -360,8 +366,6 @@ def run_grpo(cfg: GRPOConfig, model, tok, base: str | None = None, load_model=No
     summary.update(wall_time=time.time() - t0, val_accuracy_before=before)
     if int(os.environ.get("RANK", 0)) == 0:
         run = Path(tcfg.out_dir)
-        plot_curves(run / "metrics.jsonl", run / "reward.png", title=run.name,
-                    keys=("reward", "accuracy", "val_accuracy", "kl"), ylabel="reward / accuracy")
-        atomic_write_text(Path(tcfg.out_dir) / "summary.json",
-                          json.dumps(summary, indent=2, default=str, ensure_ascii=False) + "\n")
+        plot_curves(run / "metrics.jsonl", run / "reward.png", title=run.name, keys=plot_keys, ylabel=ylabel)
+        atomic_write_text(run / "summary.json", json.dumps(summary, indent=2, default=str, ensure_ascii=False) + "\n")
     return summary

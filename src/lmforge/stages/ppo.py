@@ -21,24 +21,18 @@ model, frozen. The checkpoint keeps the value head (generation ignores it).
 from __future__ import annotations
 
 import copy
-import json
-import os
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from lmforge.errors import ConfigError
-from lmforge.io import atomic_write_text
-from lmforge.stages.grpo import GRPOTask, Rollout, token_logps
+from lmforge.stages.grpo import GRPOTask, Rollout, token_logps, train_rl
 from lmforge.stages.pairs import inherited
 from lmforge.stages.reward import add_score_head
 from lmforge.stages.rewards import resolve_rewards
-from lmforge.train.metrics import plot_curves
 from lmforge.train.objectives import clipped_policy_loss, gae, masked_mean, whiten
-from lmforge.train.trainer import CheckpointSpec, TrainConfig, train
+from lmforge.train.trainer import CheckpointSpec, TrainConfig
 
 
 @dataclass
@@ -201,18 +195,5 @@ def run_ppo(cfg: PPOConfig, model, tok, base: str | None = None, load_model=None
     spec = CheckpointSpec(model_config=model.config.to_dict(), tokenizer=tok, generation_config=generation,
                           extra={"stage": "ppo", "chat": chat, "base": str(base) if base else None,
                                  "task": cfg.task, "prompts": cfg.prompts, "reward": specs})
-    before = None
-    resumed = tcfg.resume and (Path(tcfg.out_dir) / "checkpoint").exists()
-    if task.val_problems and not resumed:
-        model.to(device).eval()
-        with torch.no_grad():
-            before = task.evaluate(model)["val_accuracy"]
-    t0 = time.time()
-    summary = train(model, task, tcfg, checkpoint=spec)
-    summary.update(wall_time=time.time() - t0, val_accuracy_before=before)
-    if int(os.environ.get("RANK", 0)) == 0:
-        run = Path(tcfg.out_dir)
-        plot_curves(run / "metrics.jsonl", run / "reward.png", title=run.name,
-                    keys=("score", "kl", "accuracy", "val_accuracy"), ylabel="reward model score / KL / accuracy")
-        atomic_write_text(run / "summary.json", json.dumps(summary, indent=2, default=str, ensure_ascii=False) + "\n")
-    return summary
+    return train_rl(task, model, tcfg, spec, device, ("score", "kl", "accuracy", "val_accuracy"),
+                    "reward model score / KL / accuracy")

@@ -181,7 +181,8 @@ def run_reward_train(cfg: RewardConfig, model, tok, base: str | None = None) -> 
 def score_file(rm: RewardModel, path: str) -> list[dict]:
     """Rewards for every row of a JSONL file: preference rows get chosen and rejected rewards; {prompt,
     completion} (or {prompt, response}) rows one reward."""
-    from lmforge.data.preference import as_messages, read_jsonl_items, parse_pair
+    from lmforge.data.chat import read_jsonl_items
+    from lmforge.data.preference import as_messages, parse_pair
 
     def parse(row):
         if isinstance(row, dict) and "chosen" in row:

@@ -242,6 +242,15 @@ def cmd_dpo(args) -> int:
     return 0
 
 
+def _accuracy_change(s: dict) -> str:
+    """'held-out greedy accuracy A% -> B%; ' of an RL run's summary (empty without held-out problems)."""
+    if s.get("val_accuracy") is None:
+        return ""
+    before = s.get("val_accuracy_before")
+    return (f"held-out greedy accuracy {100 * before:.1f}% -> " if before is not None else
+            "held-out greedy accuracy ") + f"{100 * s['val_accuracy']:.1f}%; "
+
+
 def grpo_arguments(p) -> None:
     p.add_argument("--checkpoint", required=True, metavar="RUN", help="the policy to start from (an SFT model)")
     src = p.add_mutually_exclusive_group()
@@ -275,11 +284,7 @@ def cmd_grpo(args) -> int:
         cfg.reward = [s for s in args.reward.split(",") if s]
     model, tok = lmforge.load(cfg.checkpoint, device="cpu")
     s = run_grpo(cfg, model, tok, base=cfg.checkpoint, load_model=lambda path: lmforge.load(path, device="cpu"))
-    acc = ""
-    if s.get("val_accuracy") is not None:
-        before = s.get("val_accuracy_before")
-        acc = (f"held-out greedy accuracy {100 * before:.1f}% -> " if before is not None else
-               "held-out greedy accuracy ") + f"{100 * s['val_accuracy']:.1f}%; "
+    acc = _accuracy_change(s)
     print(f"grpo: {s['step']} steps in {s['train_time']:.1f}s, mean reward {s.get('reward', float('nan')):.3f}; "
           f"{acc}checkpoint {s['checkpoint']}")
     return 0
@@ -315,11 +320,7 @@ def cmd_ppo(args) -> int:
     cfg.reward_model = args.reward_model or cfg.reward_model
     model, tok = lmforge.load(cfg.checkpoint, device="cpu")
     s = run_ppo(cfg, model, tok, base=cfg.checkpoint, load_model=lambda path: lmforge.load(path, device="cpu"))
-    acc = ""
-    if s.get("val_accuracy") is not None:
-        before = s.get("val_accuracy_before")
-        acc = (f"held-out greedy accuracy {100 * before:.1f}% -> " if before is not None else
-               "held-out greedy accuracy ") + f"{100 * s['val_accuracy']:.1f}%; "
+    acc = _accuracy_change(s)
     print(f"ppo: {s['step']} steps in {s['train_time']:.1f}s, reward-model score {s.get('score', float('nan')):.3f}, "
           f"KL {s.get('kl', float('nan')):.3f}; {acc}checkpoint {s['checkpoint']}")
     return 0

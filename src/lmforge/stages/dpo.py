@@ -23,11 +23,11 @@ from tqdm import tqdm
 
 from lmforge.errors import ConfigError
 from lmforge.io import atomic_write_text
-from lmforge.stages.pairs import PairRows, batch_index, collate_pairs, inherited, load_pairs, render_pairs
+from lmforge.stages.pairs import (PairRows, PairsConfig, PairTask, batch_index, collate_pairs, inherited,
+                                  rendered_pairs)
 from lmforge.tokenizer.chat import pad_id
 from lmforge.train.objectives import DPO_LOSSES, dpo_loss
 from lmforge.train.metrics import plot_curves
-from lmforge.train.task import Task
 from lmforge.train.trainer import CheckpointSpec, TrainConfig, train
 
 
@@ -43,36 +43,20 @@ class DPOTrainConfig(TrainConfig):
 
 
 @dataclass
-class DPOConfig:
-    checkpoint: str = ""
-    data: list[str] = field(default_factory=list)
+class DPOConfig(PairsConfig):
     loss: str = "sigmoid"           # sigmoid | ipo | hinge | robust
     beta: float = 0.1
     label_smoothing: float = 0.0
-    pairs_n: int = 4000
-    val_n: int = 200
-    val_fraction: float = 0.05
-    # built-in tasks: this share of the pairs rejects the starting model's OWN wrong answer (sampled
-    # own_samples times per problem at own_temperature), the rest a hand-made wrong one
-    own_fraction: float = 0.0
-    own_samples: int = 4
-    own_temperature: float = 1.0
-    own_max_tokens: int = 32
-    seq_len: int | None = None
-    eval_batch_size: int = 32
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.loss not in DPO_LOSSES:
             raise ConfigError(f"unknown loss {self.loss!r} (losses: {', '.join(DPO_LOSSES)})", field="loss")
         if not (isinstance(self.beta, (int, float)) and self.beta > 0):
             raise ConfigError(f"must be > 0, got {self.beta!r}", field="beta")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError("must be in [0, 0.5)", field="label_smoothing")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError("must be in [0, 1)", field="val_fraction")
-        if not 0 <= self.own_fraction <= 1:
-            raise ConfigError("must be in [0, 1]", field="own_fraction")
 
 
 def reply_logps(model, x, y, mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +82,7 @@ def reference_logps(model, rows: PairRows, pad: int, device, batch_size: int, de
     return out
 
 
-class DPOTask(Task):
+class DPOTask(PairTask):
     def __init__(self, rows: PairRows, ref: torch.Tensor, val: PairRows | None, val_ref: torch.Tensor | None, *,
                  loss: str, beta: float, label_smoothing: float, batch_size: int, seed: int, pad_id: int, device,
                  grad_accum: int = 1, eval_batch_size: int = 32):
@@ -143,30 +127,13 @@ class DPOTask(Task):
         return {"val_loss": float(torch.cat(losses).mean()), "val_rewards/accuracies": float((rc > rr).float().mean()),
                 "val_rewards/margins": float((rc - rr).mean())}
 
-    def state_dict(self):
-        return {"seed": self.seed, "pairs": len(self.rows), "batch_size": self.B}
-
-    def load_state_dict(self, d):
-        if (d.get("seed"), d.get("pairs"), d.get("batch_size")) != (self.seed, len(self.rows), self.B):
-            raise ConfigError("resuming with other data, seed or batch size would not continue the same run",
-                              field="seed")
-
 
 def run_dpo(cfg: DPOConfig, model, tok, base: str | None = None) -> dict:
     from lmforge import checkpoint as ckpt
     from lmforge.runtime import detect_device
 
     tcfg = cfg.train
-    seq_len = cfg.seq_len or model.config.max_seq_len
-    if seq_len > model.config.max_seq_len:
-        raise ConfigError(f"{seq_len} exceeds the model's context of {model.config.max_seq_len} tokens",
-                          field="seq_len")
-    train_pairs, val_pairs = load_pairs(cfg.data, n=cfg.pairs_n, val_fraction=cfg.val_fraction, val_n=cfg.val_n,
-                                        seed=tcfg.seed, model=model, tok=tok, own_fraction=cfg.own_fraction,
-                                        own_samples=cfg.own_samples, own_temperature=cfg.own_temperature,
-                                        own_max_tokens=cfg.own_max_tokens)
-    rows = render_pairs(tok, train_pairs, seq_len)
-    val = render_pairs(tok, val_pairs, seq_len) if val_pairs else None
+    rows, val = rendered_pairs(cfg, model, tok, tcfg.seed)
     device = detect_device(tcfg.device)
     pad = pad_id(tok)
     show = tcfg.progress and int(os.environ.get("RANK", 0)) == 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,6 +20,65 @@ import torch
 from lmforge.data.preference import Pair, read_pairs, task_pairs
 from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.tokenizer.chat import render_chat
+from lmforge.train.task import Task
+
+
+@dataclass
+class PairsConfig:
+    """The data settings the reward model and DPO share."""
+    checkpoint: str = ""            # the model the stage starts from; read by the verb
+    data: list[str] = field(default_factory=list)   # preference JSONL files and/or built-in task names
+    pairs_n: int = 4000             # training pairs drawn from each built-in task
+    val_n: int = 200                # held-out pairs per built-in task (its eval split)
+    val_fraction: float = 0.05      # share of each file's pairs held out (by a hash of the pair)
+    # built-in tasks: this share of the pairs rejects the starting model's OWN wrong answer (sampled
+    # own_samples times per problem at own_temperature), the rest a hand-made wrong one
+    own_fraction: float = 0.0
+    own_samples: int = 4
+    own_temperature: float = 1.0
+    own_max_tokens: int = 32
+    seq_len: int | None = None      # longest side of a pair in tokens (default: the model's context)
+    eval_batch_size: int = 32
+
+    def __post_init__(self):
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError("must be in [0, 1)", field="val_fraction")
+        if not 0 <= self.own_fraction <= 1:
+            raise ConfigError("must be in [0, 1]", field="own_fraction")
+        for name in ("pairs_n", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError("must be ≥ 1", field=name)
+        if self.val_n < 0:
+            raise ConfigError("must be ≥ 0", field="val_n")
+
+
+def rendered_pairs(cfg: PairsConfig, model, tok, seed: int) -> tuple["PairRows", "PairRows | None"]:
+    """(training rows, held-out rows or None) of cfg.data for `model`'s context (the model also answers for the
+    own_fraction pairs)."""
+    seq_len = cfg.seq_len or model.config.max_seq_len
+    if seq_len > model.config.max_seq_len:
+        raise ConfigError(f"{seq_len} exceeds the model's context of {model.config.max_seq_len} tokens",
+                          field="seq_len")
+    train_pairs, val_pairs = load_pairs(cfg.data, n=cfg.pairs_n, val_fraction=cfg.val_fraction, val_n=cfg.val_n,
+                                        seed=seed, model=model, tok=tok, own_fraction=cfg.own_fraction,
+                                        own_samples=cfg.own_samples, own_temperature=cfg.own_temperature,
+                                        own_max_tokens=cfg.own_max_tokens)
+    return render_pairs(tok, train_pairs, seq_len), (render_pairs(tok, val_pairs, seq_len) if val_pairs else None)
+
+
+class PairTask(Task):
+    """What the pair stages' Tasks share: a run continues only on the same pairs, seed and batch size."""
+    rows: "PairRows"
+    seed: int
+    B: int
+
+    def state_dict(self):
+        return {"seed": self.seed, "pairs": len(self.rows), "batch_size": self.B}
+
+    def load_state_dict(self, d):
+        if (d.get("seed"), d.get("pairs"), d.get("batch_size")) != (self.seed, len(self.rows), self.B):
+            raise ConfigError("resuming with other data, seed or batch size would not continue the same run",
+                              field="seed")
 
 
 @dataclass

@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import DataError
 from lmforge.infer.reward import RewardModel, pair_rewards  # noqa: F401  (RewardModel: scoring lives in infer)
 from lmforge.io import atomic_write_text
-from lmforge.stages.pairs import PairRows, batch_index, collate_pairs, inherited, load_pairs, render_pairs
+from lmforge.stages.pairs import (PairRows, PairsConfig, PairTask, batch_index, collate_pairs, inherited,
+                                  rendered_pairs)
 from lmforge.tokenizer.chat import pad_id
 from lmforge.train.objectives import bradley_terry_loss
 from lmforge.train.metrics import plot_curves
-from lmforge.train.task import Task
 from lmforge.train.trainer import CheckpointSpec, TrainConfig, train
 
 
@@ -43,36 +43,12 @@ class RewardTrainConfig(TrainConfig):
 
 
 @dataclass
-class RewardConfig:
-    checkpoint: str = ""            # the SFT model the reward model starts from; read by the verb
-    data: list[str] = field(default_factory=list)   # preference JSONL files and/or built-in task names
-    pairs_n: int = 4000             # training pairs drawn from each built-in task
-    val_n: int = 200                # held-out pairs per built-in task (its eval split)
-    val_fraction: float = 0.05
-    # built-in tasks: this share of the pairs rejects the starting model's OWN wrong answer (sampled
-    # own_samples times per problem at own_temperature), the rest a hand-made wrong one
-    own_fraction: float = 0.0
-    own_samples: int = 4
-    own_temperature: float = 1.0
-    own_max_tokens: int = 32      # share of each file's pairs held out (by a hash of the pair)
-    seq_len: int | None = None      # longest side of a pair in tokens (default: the model's context)
+class RewardConfig(PairsConfig):
     use_margin: bool = True         # subtract the rows' "margin" in the loss (Llama 2)
-    eval_batch_size: int = 32
     train: RewardTrainConfig = field(default_factory=RewardTrainConfig)
 
-    def __post_init__(self):
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError("must be in [0, 1)", field="val_fraction")
-        if not 0 <= self.own_fraction <= 1:
-            raise ConfigError("must be in [0, 1]", field="own_fraction")
-        for name in ("pairs_n", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError("must be ≥ 1", field=name)
-        if self.val_n < 0:
-            raise ConfigError("must be ≥ 0", field="val_n")
 
-
-class RewardTask(Task):
+class RewardTask(PairTask):
     def __init__(self, rows: PairRows, val: PairRows | None, *, batch_size: int, seed: int, pad_id: int,
                  device, use_margin: bool = True, eval_batch_size: int = 32):
         self.rows, self.val, self.B, self.seed, self.pad = rows, val, batch_size, seed, pad_id
@@ -105,14 +81,6 @@ class RewardTask(Task):
         if self.val is None or not len(self.val):
             return {}
         return pair_metrics(model, self.val, self.pad, self.device, self.eval_batch_size, self.use_margin)
-
-    def state_dict(self):
-        return {"seed": self.seed, "pairs": len(self.rows), "batch_size": self.B}
-
-    def load_state_dict(self, d):
-        if (d.get("seed"), d.get("pairs"), d.get("batch_size")) != (self.seed, len(self.rows), self.B):
-            raise ConfigError("resuming with other data, seed or batch size would not continue the same run",
-                              field="seed")
 
 
 @torch.no_grad()
@@ -148,16 +116,7 @@ def run_reward_train(cfg: RewardConfig, model, tok, base: str | None = None) -> 
     from lmforge.runtime import detect_device
 
     tcfg = cfg.train
-    seq_len = cfg.seq_len or model.config.max_seq_len
-    if seq_len > model.config.max_seq_len:
-        raise ConfigError(f"{seq_len} exceeds the model's context of {model.config.max_seq_len} tokens",
-                          field="seq_len")
-    train_pairs, val_pairs = load_pairs(cfg.data, n=cfg.pairs_n, val_fraction=cfg.val_fraction, val_n=cfg.val_n,
-                                        seed=tcfg.seed, model=model, tok=tok, own_fraction=cfg.own_fraction,
-                                        own_samples=cfg.own_samples, own_temperature=cfg.own_temperature,
-                                        own_max_tokens=cfg.own_max_tokens)
-    rows = render_pairs(tok, train_pairs, seq_len)
-    val = render_pairs(tok, val_pairs, seq_len) if val_pairs else None
+    rows, val = rendered_pairs(cfg, model, tok, tcfg.seed)
     add_score_head(model)
     device = detect_device(tcfg.device)
     task = RewardTask(rows, val, batch_size=tcfg.batch_size, seed=tcfg.seed, pad_id=pad_id(tok), device=device,

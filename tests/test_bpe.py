@@ -6,12 +6,13 @@ import os
 import random
 
 import pytest
+import regex
 import rustbpe
 import tiktoken
 
 from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer import bpe
-from lmforge.tokenizer.bpe import (GPT2_PATTERN, GPT4_PATTERN, count_chunks, merges_to_ranks, resolve_pattern,
+from lmforge.tokenizer.bpe import (GPT2_PATTERN, GPT4_DIGITS_PATTERN, GPT4_PATTERN, count_chunks, merges_to_ranks, resolve_pattern,
                                    train_bpe, train_bpe_from_counts)
 
 WHOLE = r"(?s).+"  # keeps each document as one chunk: plain byte-level BPE, as minbpe's BasicTokenizer
@@ -134,7 +135,8 @@ def test_minbpe_golden():
     assert rustbpe_ranks([text], 259, WHOLE) == merges_to_ranks(merges)
 
 
-@pytest.mark.parametrize("pattern", [GPT4_PATTERN, GPT2_PATTERN], ids=["gpt4", "gpt2"])
+@pytest.mark.parametrize("pattern", [GPT4_PATTERN, GPT2_PATTERN, GPT4_DIGITS_PATTERN],
+                         ids=["gpt4", "gpt2", "gpt4-digits"])
 def test_merges_equal_rustbpe(pattern):
     docs = multiscript_corpus()
     counts = count_chunks(docs, pattern, progress=False)
@@ -259,3 +261,12 @@ def test_progress_bars_go_to_stderr(capsys):
     assert out == ""
     assert "bpe: split + count chunks" in err and "B/s" in err  # ingestion rate
     assert "bpe: merge" in err and "merge/s" in err              # merge rate
+
+
+def test_digits_pattern_splits_every_digit():
+    assert resolve_pattern("gpt4-digits") == GPT4_DIGITS_PATTERN
+    assert regex.findall(GPT4_DIGITS_PATTERN, "add 385+12, year 2024!") == \
+        ["add", " ", "3", "8", "5", "+", "1", "2", ",", " year", " ", "2", "0", "2", "4", "!"]
+    # everything but numbers is cut as GPT-4 cuts it
+    text = "Hello, world's  end\n\n  x = f(y)"
+    assert regex.findall(GPT4_DIGITS_PATTERN, text) == regex.findall(GPT4_PATTERN, text)

@@ -20,7 +20,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog. 12 + 34 = 46. What is 7 * 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-def make_checkpoint(directory: Path, context: int = 256) -> Path:
+def make_checkpoint(directory: Path, context: int = 512) -> Path:
     """An untrained model with lmforge's chat tokens; the chat markers' LM-head rows are zeroed, so greedy
     replies run to their token limit instead of ending at a random <|end|>."""
     tok = Tokenizer.train([TEXT * 30], vocab_size=256 + 16 + 60, progress=False)

@@ -85,9 +85,13 @@ def cmd_serve(args) -> int:
     defaults = {f.name: getattr(gen, f.name) for f in dataclasses.fields(gen)
                 if getattr(gen, f.name) != getattr(base, f.name)}
     sock = _listen(args.host, args.port)
-    model, tokenizer = lmforge.load(path, device=args.device)
-    app = create_app(model, tokenizer, name=name, api_key=args.api_key, max_batch=args.max_batch,
-                     max_queue=args.max_queue, defaults=defaults, precision=args.precision)
+    try:
+        model, tokenizer = lmforge.load(path, device=args.device)
+        app = create_app(model, tokenizer, name=name, api_key=args.api_key, max_batch=args.max_batch,
+                         max_queue=args.max_queue, defaults=defaults, precision=args.precision)
+    except BaseException:
+        sock.close()
+        raise
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"lmforge serve: {name!r} on http://{shown}:{port} (web UI at /, OpenAI API at /v1, /health, /metrics)",

@@ -119,6 +119,8 @@ async function send(ev) {
   const body = Object.assign(samplingBody(), { messages: apiMessages(), stream: true });
   state.messages.push(reply);
   renderMessages();
+  const box = $("messages");
+  const shown = box.lastChild.querySelector(".content");   // the reply grows in place (no re-render per token)
   state.controller = new AbortController();
   $("send").disabled = true;
   $("stop").disabled = false;
@@ -129,7 +131,8 @@ async function send(ev) {
       if (c.delta && c.delta.content) reply.content += c.delta.content;
       if (c.logprobs && c.logprobs.content) reply.tokens.push(...c.logprobs.content);
       if (c.finish_reason) reply.finish = c.finish_reason;
-      renderMessages();
+      shown.textContent = reply.content;
+      box.scrollTop = box.scrollHeight;
     }
   } catch (e) {
     if (e.name === "AbortError") reply.finish = "stopped";

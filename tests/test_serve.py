@@ -26,9 +26,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 KEY = "test-key"
 
 
+@pytest.fixture(autouse=True)
+def pytorch_decode_step(monkeypatch):
+    """The engine run here for comparison uses the PyTorch decode step (same logits as the native one, which would
+    first be compiled: minutes on a loaded machine); the servers run with it too (serve_helpers)."""
+    monkeypatch.setenv("LMFORGE_NATIVE", "0")
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("serve") / "tiny")
+    # a long context: a request that must still be running when the test acts (an abort, a full queue) can ask
+    # for thousands of tokens, which outlast any delay of a busy machine
+    return make_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", context=4096)
 
 
 @pytest.fixture(scope="module")
@@ -220,10 +229,10 @@ def test_error_statuses(client, server, local):
         client.completions.create(model="gpt-4", prompt="hi")
     assert _error(e.value)["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="tiny", prompt="x " * 700, max_tokens=1)
-    assert "more than the model's context of 512 tokens" in _error(e.value)["message"]
-    n = 1 + len(local[1].encode("x " * 700))     # BOS + the text
-    assert f"the prompt has {n} tokens, {n - 512} more than" in _error(e.value)["message"]
+        client.completions.create(model="tiny", prompt="x " * 5000, max_tokens=1)
+    assert "more than the model's context of 4096 tokens" in _error(e.value)["message"]
+    n = 1 + len(local[1].encode("x " * 5000))    # BOS + the text
+    assert f"the prompt has {n} tokens, {n - 4096} more than" in _error(e.value)["message"]
     bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
@@ -251,7 +260,7 @@ def _wait_idle(server, timeout=30):
 
 def test_a_closed_stream_aborts_its_request(client, server):
     stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                            max_tokens=200, temperature=0, stream=True)
+                                            max_tokens=4000, temperature=0, stream=True)
     for i, _ in enumerate(stream):
         if i == 3:
             break
@@ -280,7 +289,7 @@ def test_a_full_queue_is_429_with_retry_after(ckpt):
     s = Server(ckpt, "--max-batch", "1", "--max-queue", "1")
     try:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
-        running = c.completions.create(model="tiny", prompt="a", max_tokens=200, temperature=0, stream=True)
+        running = c.completions.create(model="tiny", prompt="a", max_tokens=4000, temperature=0, stream=True)
         next(iter(running))                        # it holds the only row
         waiting = []
         t = threading.Thread(target=lambda: waiting.append(

@@ -183,6 +183,15 @@ CASES = {
         ("max-tool-rounds-negative", lambda f: ["--checkpoint", f / "ck", "--message", "hi",
                                                 "--max-tool-rounds", "-1"]),
     ],
+    ("serve",): [
+        ("missing-checkpoint", lambda f: ["--checkpoint", f / "nope"]),
+        ("checkpoint-is-a-file", lambda f: ["--checkpoint", f / "notes.txt"]),
+        ("weights-of-another-model", lambda f: ["--checkpoint", f / "other", "--port", "0"]),
+        ("port-out-of-range", lambda f: ["--checkpoint", f / "ck", "--port", "70000"]),
+        ("max-batch-0", lambda f: ["--checkpoint", f / "ck", "--max-batch", "0"]),
+        ("empty-model-name", lambda f: ["--checkpoint", f / "ck", "--served-model-name", " "]),
+        ("unknown-host", lambda f: ["--checkpoint", f / "ck", "--host", "no-such-host.invalid", "--port", "0"]),
+    ],
     ("tool", "list"): [
         ("unexpected-argument", lambda f: ["extra"]),
     ],

@@ -21,6 +21,7 @@ VERB_MODULES = [
     "lmforge.stages.cli",      # pretrain, distill, sft, reward train|score, dpo
     "lmforge.eval.cli",        # eval bpb
     "lmforge.infer.cli",       # generate, attention, inspect, chat, tool list, tool run
+    "lmforge.serve.cli",       # serve
     "lmforge.data.cli",        # data list, data prepare
     "lmforge.tokenizer.cli",   # tokenizer train, encode, stats
     "lmforge.baselines.cli",   # markov train, eval, sample

@@ -158,6 +158,13 @@ def generate_reply(engine: Engine, tok, prompt_ids: list[int], params: SamplingP
     ids = ids + call_ids
     if finish != "stop" or not call_ids or call_ids[-1] != sp[END]:
         return Reply(text, [], finish if finish != "stop" else "length", ids)
+    return Reply(text, parse_tool_calls(tok, call_ids), "stop", ids)
+
+
+def parse_tool_calls(tok, call_ids: Sequence[int]) -> list[dict]:
+    """The calls ({"name", "arguments"}) of a complete phase 2 (what tool_call_grammar produced, ending with
+    <|end|>): the JSON between the <|tool_call|> markers."""
+    sp = tok.special_tokens
     calls, cur = [], []
     for t in call_ids:
         if t in (sp[TOOL_CALL], sp[END]):
@@ -166,7 +173,7 @@ def generate_reply(engine: Engine, tok, prompt_ids: list[int], params: SamplingP
             cur = []
         else:
             cur.append(t)
-    return Reply(text, calls, "stop", ids)
+    return calls
 
 
 def _no_lone_surrogates(x):
@@ -252,5 +259,5 @@ def run_chat_turn(engine_or_model, tok, messages: list[dict], tools=None, params
     raise AssertionError("unreachable: the last round offers no tools")
 
 
-__all__ = ["Reply", "as_tools", "check_tool_use", "tool_call_grammar", "generate_reply", "run_tool",
-           "run_chat_turn"]
+__all__ = ["Reply", "as_tools", "check_tool_use", "tool_call_grammar", "generate_reply", "parse_tool_calls",
+           "run_tool", "run_chat_turn"]

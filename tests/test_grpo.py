@@ -274,3 +274,51 @@ def test_ppo_minibatches_cover_the_rollout_each_epoch(base, on_path):
     with torch.no_grad():
         task.before_step(model, 8)
     assert task.rollout is not ro and task.rollout.step == 8
+
+
+def test_tool_episodes_train_the_assistant_tokens_only(base, monkeypatch):
+    """On a family with tools each completion is a whole turn through the tool loop; the tool's result is context,
+    not trained. The loop is replaced by a fixed turn so the rows can be checked token by token."""
+    import lmforge
+    from lmforge.data import tasks
+    from lmforge.infer import assistant
+    from lmforge.stages.grpo import GRPOConfig, GRPOTask
+    from lmforge.stages.rewards import resolve_rewards
+    from lmforge.tokenizer.chat import render_chat
+    tok = lmforge.load(base / "base", device="cpu")[1]
+    torch.manual_seed(0)                       # a context long enough for the tool declaration (byte tokens)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, max_seq_len=512))
+    family = tasks.family("arithmetic:digits=1,ops=+,tools=true")
+    calls = []
+
+    def fake_turn(engine, tok_, messages, tools=None, params=None, **kw):
+        calls.append(params.seed)
+        a, b = (int(s) for s in messages[-1]["content"].split("What is ")[1].rstrip("?").split(" + "))
+        right = len(calls) % 2 == 0            # every other completion answers right
+        call = {"id": "call_0", "type": "function",
+                "function": {"name": "calculator", "arguments": {"expression": f"{a}+{b}"}}}
+        return [{"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_0", "name": "calculator", "content": "TOOLRESULT"},
+                {"role": "assistant", "content": str(a + b if right else a + b + 1)}]
+    monkeypatch.setattr(assistant, "run_chat_turn", fake_turn)
+    cfg = GRPOConfig(task="arithmetic:digits=1,ops=+,tools=true", group_size=4, prompts_per_step=2,
+                     max_new_tokens=32, val_n=0)
+    task = GRPOTask(cfg, tok, family=family, device="cpu", seed=0, reward_fns=resolve_rewards(["verifier"], None,
+                                                                                              family=family))
+    model.eval()
+    with torch.no_grad():
+        ro = task._generate(model, 0)
+    assert len(set(calls)) == 8                                   # each completion its own seed
+    assert task.last_stats["accuracy"] == 0.5
+    assert torch.equal(ro.adv.view(2, 4) > 0, torch.tensor([[False, True, False, True]] * 2))
+    for r in range(ro.x.size(0)):
+        n = int((ro.y[r] >= 0).sum())
+        trained = tok.decode([int(t) for t, m in zip(ro.y[r, :n], ro.mask[r, :n]) if m])
+        context = tok.decode([int(t) for t in ro.y[r, :n]])
+        assert "TOOLRESULT" in context and "TOOLRESULT" not in trained
+        assert '"expression"' in trained and "<|tool_call|>" in trained and trained.endswith("<|end|>")
+        # the prompt is not trained: the first trained target is the first token after the generation prompt
+        messages = task._prompts(0)[r // 4][0]
+        prompt = render_chat(tok, messages, family.tools, add_generation_prompt=True)[0]
+        assert int(ro.mask[r].nonzero()[0]) == len(prompt) - 1
+        assert ro.x[r, :len(prompt)].tolist() == prompt

@@ -7,7 +7,9 @@ Each step (Task.before_step, in eval mode with the CURRENT weights):
   1. take `prompts_per_step` prompts (training problems of --task, or rows of --prompts, in a seeded order);
   2. sample `group_size` completions of each through the inference engine's fan-out (one prefill per prompt,
      each completion with its own seed: a pure function of (seed, step, prompt, completion), so a resumed run
-     samples exactly what the uninterrupted one did);
+     samples exactly what the uninterrupted one did); on a task family with tools (arithmetic:...,tools=true) a
+     completion is a whole assistant turn through the tool loop — calls decoded under the tools' grammar, run,
+     their results appended, the reply after them — and only the assistant's tokens are trained;
   3. score them with the reward functions (lmforge.stages.rewards), advantages (r - group mean) / (group std +
      1e-4), or r - mean with scale_rewards=false (Dr. GRPO); groups whose rewards are all equal carry no signal
      and are counted (`zero_std_groups`);
@@ -207,43 +209,49 @@ class GRPOTask(Task):
         cfg, G = self.cfg, self.cfg.group_size
         # a fresh engine each time: its batches then depend only on this rollout (not on the history of earlier
         # ones), so a resumed run samples bit for bit what the uninterrupted run sampled
-        engine = Engine(model, self.tok, max_batch=cfg.prompts_per_step * G)
         items = self._prompts(step)
-        ids = [render_chat(self.tok, m, add_generation_prompt=True)[0] for m, _, _ in items]
+        tools = self.family.tools if self.family is not None else None
+        ids = [render_chat(self.tok, m, tools, add_generation_prompt=True)[0] for m, _, _ in items]
         room = model.config.max_seq_len - max(len(i) for i in ids)
         if room < 1:
             raise ConfigError(f"a prompt of {max(len(i) for i in ids)} tokens leaves no room in the context of "
                               f"{model.config.max_seq_len}", field="prompts")
-        outs: dict = {}
-        for i, p in enumerate(ids):
-            params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, n=G,
-                                    max_tokens=min(cfg.max_new_tokens, room), stop_token_ids=self.stops,
-                                    seed=(self.seed * 1_000_003 + step * 10_007 + i * G) % 2 ** 63)
-            engine.add_request(i, p, params, add_bos=False)
-        while engine.has_unfinished():
-            for o in engine.step():
-                outs.setdefault((o.request_id, o.index), []).extend(o.token_ids)
-        completions = [[outs.get((i, c), []) for c in range(G)] for i in range(len(items))]
-        texts = [self._text(c) for group in completions for c in group]
+
+        def params(i):
+            return SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, n=G,
+                                  max_tokens=min(cfg.max_new_tokens, room), stop_token_ids=self.stops,
+                                  seed=(self.seed * 1_000_003 + step * 10_007 + i * G) % 2 ** 63)
+        if tools:
+            seqs, texts = self._episodes(model, items, params)
+        else:
+            engine = Engine(model, self.tok, max_batch=cfg.prompts_per_step * G)
+            outs: dict = {}
+            for i, p in enumerate(ids):
+                engine.add_request(i, p, params(i), add_bos=False)
+            while engine.has_unfinished():
+                for o in engine.step():
+                    outs.setdefault((o.request_id, o.index), []).extend(o.token_ids)
+            completions = [[outs.get((i, c), []) for c in range(G)] for i in range(len(items))]
+            texts = [self._text(c) for group in completions for c in group]
+            # the completion's targets are trained: the mask starts at the prompt's last position
+            seqs = [(p + c, [0] * len(p) + [1] * len(c)) for p, group in zip(ids, completions) for c in group]
         prompts = [m for m, _, _ in items for _ in range(G)]
         problems = [p for _, p, _ in items for _ in range(G)]
         keys = sorted({k for _, _, e in items for k in e})
         columns = {k: [e.get(k) for _, _, e in items for _ in range(G)] for k in keys}
         rewards, means = compute_rewards(self.reward_fns, prompts, texts, problems, columns)
-        # rows: prompt + completion, right-padded; the completion's targets are trained
-        seqs = [(p, c) for p, group in zip(ids, completions) for c in group]
-        T = max(len(p) + len(c) for p, c in seqs) - 1
+        # rows: the whole sequence right-padded; targets whose token the policy wrote are trained
+        T = max(len(full) for full, _ in seqs) - 1
         N = len(seqs)
         x = torch.full((N, T), self.pad, dtype=torch.long)
         y = torch.full((N, T), -1, dtype=torch.long)
         mask = torch.zeros((N, T))
         ended = torch.zeros(N, dtype=torch.bool)
-        for r, (p, c) in enumerate(seqs):
-            full = torch.tensor(p + c)
+        for r, (full, wrote) in enumerate(seqs):
             n = len(full) - 1
-            x[r, :n], y[r, :n] = full[:-1], full[1:]
-            mask[r, len(p) - 1:n] = 1.0
-            ended[r] = bool(c) and c[-1] in self.stops
+            x[r, :n], y[r, :n] = torch.tensor(full[:-1]), torch.tensor(full[1:])
+            mask[r, :n] = torch.tensor(wrote[1:], dtype=torch.float32)
+            ended[r] = bool(wrote[-1]) and full[-1] in self.stops
         correct = None
         if self.family is not None:
             correct = float(np.mean([self.family.score(p, t) >= 1.0 for p, t in zip(problems, texts)]))
@@ -254,6 +262,29 @@ class GRPOTask(Task):
         self.sample_text = (prompts[0][-1]["content"], texts[0])
         dev = self.device
         return Sampled(x.to(dev), y.to(dev), mask.to(dev), rewards, ended.to(dev))
+
+    def _episodes(self, model, items, params):
+        """Tool-using rollouts: each completion is a whole assistant turn through the tool loop (reply, calls
+        decoded under the tools' grammar, results, the reply after them), one conversation at a time. Rows are
+        the conversation as rendered (the tokens SFT trains on); the policy's part is the assistant's tokens —
+        tool results are in the context but not trained. Returns ([(ids, wrote)], final answer texts)."""
+        from lmforge.infer.assistant import run_chat_turn
+        from lmforge.infer.engine import Engine
+        tools = self.family.tools
+        names = [t["function"]["name"] for t in tools]
+        engine = Engine(model, self.tok, max_batch=1)
+        seqs, texts = [], []
+        for i, (messages, _, _) in enumerate(items):
+            p = params(i)
+            n_before = len(render_chat(self.tok, list(messages), tools)[0])
+            for c in range(self.cfg.group_size):
+                new = run_chat_turn(engine, self.tok, messages, tools=names, params=p.replace(n=1, seed=p.seed + c))
+                full, wrote = render_chat(self.tok, list(messages) + new, tools)
+                full = full[:model.config.max_seq_len + 1]
+                wrote = [0] * n_before + list(wrote[n_before:len(full)])
+                seqs.append((full, wrote))
+                texts.append(new[-1].get("content") or "")
+        return seqs, texts
 
     def _text(self, ids: list[int]) -> str:
         ids = [i for i in ids if i not in self.stops]

@@ -211,13 +211,14 @@ async def _read_body(request: Request) -> bytes:
 
 async def _sse(chunks) -> StreamingResponse:
     """Server-Sent Events: `data: {json}` per chunk, then `data: [DONE]`. An error after the stream has started
-    (the status line is gone) is sent as one last `data: {"error": ...}` event."""
+    (the status line is gone) is sent as one last `data: {"error": ...}` event. The JSON is ASCII (\\uXXXX escapes):
+    a token may hold U+2028, U+0085 or other characters that line readers other than SSE's treat as line breaks."""
     async def body():
         try:
             async for c in chunks:
-                yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
+                yield f"data: {json.dumps(c)}\n\n"
         except ApiError as e:
-            yield f"data: {json.dumps(e.body(), ensure_ascii=False)}\n\n"
+            yield f"data: {json.dumps(e.body())}\n\n"
         finally:
             await chunks.aclose()   # a client that left: close the generation now (its engine rows are aborted)
         yield "data: [DONE]\n\n"

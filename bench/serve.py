@@ -11,6 +11,10 @@ logprobs=0 so that every token is its own SSE event. At each level, `c` clients 
 until --requests-per-client are done. Measured per request: time to first token (request sent -> first event),
 inter-token latency (gaps between events); per level: aggregate output tok/s = tokens / wall time of the level.
 Printed: per level tok/s, TTFT p50/p99, ITL p50/p99, and the tok/s ratio of 16 clients to 1 (sequential).
+
+Prefix caching: a 1,500-token conversation (random ids), then its next turn (the same ids + 40 more), each
+round with a new conversation, against the server with its prefix cache and against a second one started with
+--prefix-cache-mb 0, alternating; printed: the second turn's median time to first token on each and the ratio.
 """
 from __future__ import annotations
 
@@ -40,16 +44,16 @@ def build_checkpoint(directory: Path) -> Path:
 
     tok = Tokenizer.train(list(python_docs())[:40], vocab_size=1024, progress=False)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=8192, d_model=256, n_layer=6, n_head=8, n_kv_heads=4, d_ff=688, max_seq_len=1024,
+    cfg = ModelConfig(vocab_size=8192, d_model=256, n_layer=6, n_head=8, n_kv_heads=4, d_ff=688, max_seq_len=2048,
                       pos="rope", norm="rmsnorm", ffn="swiglu", bias=False, tie_embeddings=False)
     model = Transformer(cfg)
     return checkpoint.save(directory, model=model, model_config=cfg.to_dict(), tokenizer=tok)
 
 
-def start_server(ckpt: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(ckpt: Path, max_batch: int, *extra: str) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--checkpoint", str(ckpt), "--port", "0",
-                             "--max-batch", str(max_batch), "--max-queue", "1024", "--device", "cpu"],
+                             "--max-batch", str(max_batch), "--max-queue", "1024", "--device", "cpu", *extra],
                             stdout=subprocess.PIPE, text=True, env=env)
     m = re.search(r"http://127\.0\.0\.1:(\d+)", proc.stdout.readline())
     if m is None:
@@ -96,6 +100,21 @@ async def level(url: str, clients: int, per_client: int, new: int, seed: int) ->
             "itl_p50": q(itl, 50), "itl_p99": q(itl, 99), "tokens": tokens, "wall_s": wall}
 
 
+async def second_turns(urls: dict, rounds: int, length: int = 1500) -> dict:
+    """{label: [TTFT of the second turn, per round]}: the first turn fills the cache, the second reuses it."""
+    import httpx
+    g = torch.Generator().manual_seed(1)
+    out = {label: [] for label in urls}
+    for _ in range(rounds):
+        for label, url in urls.items():
+            first = torch.randint(300, 1024, (length,), generator=g).tolist()
+            second = first + torch.randint(300, 1024, (40,), generator=g).tolist()
+            async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+                await one_request(http, first, 4)
+                out[label].append((await one_request(http, second, 4))[0])
+    return out
+
+
 def plot(rows: list[dict], out: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -117,6 +136,7 @@ def main() -> None:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prefix-rounds", type=int, default=5, help="conversations for the prefix-caching measure")
     ap.add_argument("--plot", default="serve.png", help="PNG of throughput and latency per level")
     args = ap.parse_args()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
@@ -134,9 +154,20 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(30)
+        with_cache, url_with = start_server(ckpt, 4)
+        without, url_without = start_server(ckpt, 4, "--prefix-cache-mb", "0")
+        try:
+            t = asyncio.run(second_turns({"with": url_with, "without": url_without}, args.prefix_rounds))
+        finally:
+            for p in (with_cache, without):
+                p.terminate()
+                p.wait(30)
     by = {r["clients"]: r for r in rows}
     if 1 in by and 16 in by:
         print(f"16 concurrent vs sequential: {by[16]['tok_s'] / by[1]['tok_s']:.2f}x aggregate tok/s")
+    a, b = statistics.median(t["with"]), statistics.median(t["without"])
+    print(f"prefix caching, second turn of a 1,500-token conversation (median of {args.prefix_rounds}): TTFT "
+          f"{a * 1e3:.1f} ms with the cache vs {b * 1e3:.1f} ms without: {b / a:.2f}x lower")
     plot(rows, args.plot)
     print(f"wrote {args.plot}")
 

@@ -285,6 +285,27 @@ def test_metrics_count_what_was_served(client, server):
     assert 'lmforge_requests_total{endpoint="/v1/completions",status="200"}' in text
 
 
+def test_the_second_chat_turn_reuses_the_first_turns_keys_and_values(client, server, local):
+    model, tok = local
+    first = [{"role": "system", "content": "You answer in one short line. " * 6},
+             {"role": "user", "content": "Name a colour and a number, please."}]
+    r1 = client.chat.completions.create(model="tiny", messages=first, max_tokens=8, temperature=0)
+    before = httpx.get(server.url + "/health").json()["prefix_cache"]["hit_tokens"]
+    second = first + [{"role": "assistant", "content": r1.choices[0].message.content},
+                      {"role": "user", "content": "And another one?"}]
+    r2 = client.chat.completions.create(model="tiny", messages=second, max_tokens=8, temperature=0)
+    stats = httpx.get(server.url + "/health").json()["prefix_cache"]
+    # the whole first prompt's full blocks (the system prompt and the first question) came from the cache
+    assert stats["hit_tokens"] - before >= (len(chat_ids(tok, first)) // 16) * 16 > 0
+    want = Engine(model, tok, prefix_cache_mb=0).generate([chat_ids(tok, second)], chat_params(
+        tok, temperature=0, max_tokens=8), add_bos=False)[0][0]
+    assert r2.choices[0].message.content == want.text
+    text = httpx.get(server.url + "/metrics").text
+    rate = next(float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith("lmforge_prefix_cache_hit_rate"))
+    assert 0 < rate <= 1
+
+
 def test_a_full_queue_is_429_with_retry_after(ckpt):
     s = Server(ckpt, "--max-batch", "1", "--max-queue", "1")
     try:

@@ -49,6 +49,7 @@ from lmforge.infer.detokenize import Detokenizer, stop_check
 from lmforge.infer.fastpath import FastDecoder
 from lmforge.infer.fastpath import usable as fastpath_usable
 from lmforge.infer.outputs import Delta, GenerationResult, GenerationStream, RequestOutput
+from lmforge.infer.prefix_cache import PrefixCache
 from lmforge.infer.request import Request, end_token_ids, prepare
 from lmforge.infer.sampling import SamplingParams, gather_logprobs, log_probs, process_logits, sample
 from lmforge.runtime import autocast, resolve_precision
@@ -85,10 +86,13 @@ class Engine:
     max_kv_tokens: KV-cache budget in tokens: admitted rows reserve prompt + max_tokens each; a request that can
                    never fit is refused at add_request (None: no budget beyond max_batch).
     precision:     'fp32' (default, exact), 'bf16', 'fp16', 'auto' (autocast).
+    prefix_cache_mb: memory for the keys/values of prompt prefixes already computed, reused by later prompts that
+                   start the same way (lmforge.infer.prefix_cache; least recently used out first); 0 turns it off.
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 256, max_kv_tokens: int | None = None,
-                 precision: str = "fp32", transposed_weights: bool | None = None, fast_path: bool = True):
+                 precision: str = "fp32", transposed_weights: bool | None = None, fast_path: bool = True,
+                 prefix_cache_mb: float = 256):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"must be an integer >= 1, got {max_batch!r}", field="max_batch")
         if max_kv_tokens is not None and (isinstance(max_kv_tokens, bool) or not isinstance(max_kv_tokens, int)
@@ -118,6 +122,18 @@ class Engine:
         self._aborted: list[RequestOutput] = []
         self._fast: FastDecoder | None = None
         self._run_ids = itertools.count()
+        if not isinstance(prefix_cache_mb, (int, float)) or isinstance(prefix_cache_mb, bool) or prefix_cache_mb < 0:
+            raise ConfigError(f"must be a number >= 0, got {prefix_cache_mb!r}", field="prefix_cache_mb")
+        cfg = getattr(self.model, "config", None)
+        self.prefix_cache: PrefixCache | None = None
+        dims = [getattr(cfg, a, None) for a in ("n_layer", "n_kv_heads", "head_dim")]
+        w = next(self.model.parameters(), None)
+        if prefix_cache_mb > 0 and hasattr(self.model, "new_kv_cache") and w is not None \
+                and all(isinstance(d, int) for d in dims):
+            size = w.element_size()
+            per_token = 2 * dims[0] * dims[1] * dims[2] * size
+            self.prefix_cache = PrefixCache(per_token, int(prefix_cache_mb * 2 ** 20))
+        self._weights_seen = None       # the weights' versions the prefix cache was filled with
 
     # ---- the step API ----
     def add_request(self, request_id, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
@@ -259,13 +275,32 @@ class Engine:
             # two runs is picked up); CPU only, where it is measured and tested
             self._fast = FastDecoder(model) if self.fast_path and dev.type == "cpu" and fastpath_usable(model) \
                 else None
+            self._check_weights()
+        # an idle engine's cache becomes the running one: size it for the longest budget at once (no regrowth)
+        room = 0 if self._live else max(r.req.budget for w in admitted for r in w.rows) - 1
+        # prompts whose start is cached are prefilled one by one from there; the others together
+        fresh, cached = [], []
+        for w in admitted:
+            hit = self.prefix_cache.lookup(w.prompt_ids) if self.prefix_cache is not None else (0, None, None)
+            (cached.append((w, hit)) if hit[0] else fresh.append(w))
+        if fresh:
+            self._join(fresh, *self._forward_prompts(fresh, room), outs)
+        for w, (n, k, v) in cached:
+            cache = model.new_kv_cache(1, max_len=len(w.prompt_ids) + room)
+            cache.k[:, 0, :, :n], cache.v[:, 0, :, :n] = k, v
+            cache.pos = n
+            ids = torch.tensor([w.prompt_ids[n:]], device=dev)
+            logits, _ = model(ids, kv_cache=cache, logits_to_keep=1)
+            self._remember([w.prompt_ids], cache)
+            self._join([w], cache, logits, outs)
+
+    def _forward_prompts(self, admitted: list[_Waiting], room: int):
+        """One forward over the prompts, left-padded to the longest, into a fresh cache: (cache, last logits)."""
+        model, dev = self.model, self.device
         prompts = [w.prompt_ids for w in admitted]
         lens = [len(p) for p in prompts]
         L = max(lens)
         padded = any(n != L for n in lens)
-        rows = [r for w in admitted for r in w.rows]
-        # an idle engine's cache becomes the running one: size it for the longest budget at once (no regrowth)
-        room = 0 if self._live else max(r.req.budget for r in rows) - 1
         cache = model.new_kv_cache(len(prompts), max_len=L + room)
         ids = torch.zeros(len(prompts), L, dtype=torch.long)
         mask = torch.zeros(len(prompts), L, dtype=torch.bool)
@@ -276,6 +311,30 @@ class Engine:
         logits, _ = model(ids, kv_cache=cache, logits_to_keep=1, **({"attn_mask": mask} if padded else {}))
         if padded:
             cache.lengths = torch.tensor(lens, device=dev)
+        self._remember(prompts, cache)
+        return cache, logits
+
+    def _remember(self, prompts: list[list[int]], cache) -> None:
+        """Keep the prompts' full blocks in the prefix cache (row i of `cache` holds prompt i, right-aligned)."""
+        if self.prefix_cache is None:
+            return
+        for i, p in enumerate(prompts):
+            cols = slice(cache.pos - len(p), cache.pos)
+            self.prefix_cache.store(p, cache.k[:, i, :, cols], cache.v[:, i, :, cols])
+
+    def _check_weights(self) -> None:
+        """Empty the prefix cache when the weights changed since it was filled (training between two runs)."""
+        if self.prefix_cache is None:
+            return
+        seen = tuple((id(p), p._version) for p in self.model.parameters())
+        if seen != self._weights_seen:
+            self.prefix_cache.clear()
+            self._weights_seen = seen
+
+    def _join(self, admitted: list[_Waiting], cache, logits, outs: list) -> None:
+        """The prefilled prompts' rows sample their first token and join the running batch (fanned out to n)."""
+        dev = self.device
+        rows = [r for w in admitted for r in w.rows]
         src = torch.tensor([i for i, w in enumerate(admitted) for _ in w.rows], device=dev)
         toks = self._sample(logits[:, -1, :].index_select(0, src), rows, outs)
         keep = [j for j, r in enumerate(rows) if not r.done]

@@ -48,8 +48,9 @@ DISCONNECT_POLL_S = 0.25             # how often a non-streaming request checks 
 
 def create_app(model, tokenizer, *, name: str, api_key: str | None = None, max_batch: int = 16,
                max_queue: int = 64, defaults: dict | None = None, precision: str = "fp32",
-               engine: Engine | None = None) -> FastAPI:
-    engine = engine or Engine(model, tokenizer, max_batch=max_batch, precision=precision)
+               engine: Engine | None = None, prefix_cache_mb: float = 256) -> FastAPI:
+    engine = engine or Engine(model, tokenizer, max_batch=max_batch, precision=precision,
+                              prefix_cache_mb=prefix_cache_mb)
     metrics = Metrics()
     loop = EngineLoop(engine, metrics, max_queue=max_queue)
     served = Served(loop, tokenizer, name, model.config.max_seq_len, dict(defaults or {}), metrics)

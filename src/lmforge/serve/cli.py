@@ -34,6 +34,9 @@ def serve_arguments(p) -> None:
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model name clients use (default: the checkpoint directory's name)")
     add_device_option(p)
+    p.add_argument("--prefix-cache-mb", type=float, default=256, metavar="MB",
+                   help="memory for the keys/values of prompt prefixes seen before (a system prompt, the earlier "
+                        "turns of a chat), reused instead of prefilled again; 0 turns it off (default 256)")
     p.add_argument("--precision", default="fp32", help="fp32 (default) | bf16 | fp16 | auto (autocast)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="server log level (default warning)")
@@ -88,7 +91,8 @@ def cmd_serve(args) -> int:
     try:
         model, tokenizer = lmforge.load(path, device=args.device)
         app = create_app(model, tokenizer, name=name, api_key=args.api_key, max_batch=args.max_batch,
-                         max_queue=args.max_queue, defaults=defaults, precision=args.precision)
+                         max_queue=args.max_queue, defaults=defaults, precision=args.precision,
+                         prefix_cache_mb=args.prefix_cache_mb)
     except BaseException:
         sock.close()
         raise

@@ -195,9 +195,16 @@ class EngineLoop:
         self.stats = {"live_rows": live, "waiting_requests": e.num_waiting(), "used_slots": used,
                       "free_slots": e.max_batch - used, "requests": len(self._routes), "steps": self.steps,
                       "queued": self.waiting}
+        pc = e.prefix_cache.stats() if e.prefix_cache is not None else None
+        if pc is not None:
+            self.stats["prefix_cache"] = pc
         if self.metrics is not None:
             self.metrics.running.set(live)
             self.metrics.queued.set(self.waiting)
+            if pc is not None:
+                self.metrics.prefix_hit_rate.set(pc["hit_rate"])
+                self.metrics.prefix_hit_tokens.set(pc["hit_tokens"])
+                self.metrics.prefix_blocks.set(pc["blocks"])
 
 
 def _settle(fut, res, err) -> None:

@@ -24,6 +24,11 @@ class Metrics:
         self.generation_tokens = Counter("lmforge_generation_tokens", "tokens generated", registry=r)
         self.ttft = Histogram("lmforge_time_to_first_token_seconds", "submission to first token",
                               buckets=LATENCY_BUCKETS, registry=r)
+        self.prefix_hit_rate = Gauge("lmforge_prefix_cache_hit_rate",
+                                     "share of prompt tokens whose keys/values came from the prefix cache", registry=r)
+        self.prefix_hit_tokens = Gauge("lmforge_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache",
+                                       registry=r)
+        self.prefix_blocks = Gauge("lmforge_prefix_cache_blocks", "blocks held by the prefix cache", registry=r)
         self.inter_token = Histogram("lmforge_inter_token_latency_seconds", "gap between two tokens of a completion",
                                      buckets=LATENCY_BUCKETS, registry=r)
 

@@ -91,6 +91,21 @@ def test_greedy_completion_streamed_and_not_equals_the_engine(client, local):
     assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].choices == []
 
 
+@pytest.mark.parametrize("flags, kw", [(["--temperature", "0"], {"temperature": 0}),
+                                       (["--temperature", "0.9", "--top-k", "50", "--seed", "5"],
+                                        {"temperature": 0.9, "seed": 5, "extra_body": {"top_k": 50}})],
+                         ids=["greedy", "seeded"])
+def test_completions_equal_the_generate_verb(client, ckpt, capsys, flags, kw):
+    from lmforge.cli import main
+    assert main(["generate", "--checkpoint", str(ckpt), "--prompt", "The quick brown", "--max-tokens", "12",
+                 *flags]) == 0
+    want = capsys.readouterr().out.removesuffix("\n")
+    got = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=12, **kw)
+    assert got.choices[0].text == want
+    chunks = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=12, stream=True, **kw)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+
+
 def test_token_id_prompts_and_sampling_extras_equal_the_engine(client, local):
     ids = [5, 80, 81, 82]
     kw = dict(temperature=0.8, top_p=0.9, seed=7, presence_penalty=0.5, frequency_penalty=0.3, stop=["e"])

@@ -322,3 +322,19 @@ def test_tool_episodes_train_the_assistant_tokens_only(base, monkeypatch):
         prompt = render_chat(tok, messages, family.tools, add_generation_prompt=True)[0]
         assert int(ro.mask[r].nonzero()[0]) == len(prompt) - 1
         assert ro.x[r, :len(prompt)].tolist() == prompt
+
+
+def test_grpo_with_lora_adapters_learns_and_leaves_the_base(base, tmp_path, on_path):
+    import lmforge
+    from lmforge.model.lora import lora_modules
+    out = tmp_path / "run"
+    assert grpo(base, out, "rmod:ascii_share", "train.max_steps=60", "train.lr=3e-2", "train.lora.rank=8",
+                "train.lora.alpha=16", "train.lora.targets=*_proj") == 0
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "reward" in r]
+    first, last = sum(r["reward"] for r in rows[:5]) / 5, sum(r["reward"] for r in rows[-5:]) / 5
+    assert last > first + 0.1, (first, last)
+    tuned, _ = lmforge.load(out, device="cpu")
+    assert lora_modules(tuned)
+    base_sd = lmforge.load(base / "base", device="cpu")[0].state_dict()
+    sd = tuned.state_dict()
+    assert all(torch.equal(base_sd[n], sd[n]) for n in base_sd)       # only the adapters were trained

@@ -240,3 +240,21 @@ def test_the_models_own_wrong_answers_become_rejected_sides(base):
         problem = fam.make(int(a), "+", int(b))
         assert fam.score(problem, p.chosen[0]["content"]) == 1.0
         assert fam.score(problem, p.rejected[0]["content"]) == 0.0 and p.rejected[0]["content"].strip()
+
+
+def test_dpo_with_lora_trains_only_adapters_and_learns(base, tmp_path, capsys):
+    out = tmp_path / "dpo-lora"
+    rc = main(["dpo", "--checkpoint", str(base / "base"), "--data", str(base / "pairs.jsonl"), "--out", str(out),
+               "--beta", "0.5", "train.max_steps=30", "train.lr=1e-2", "train.batch_size=8", "train.eval_every=30",
+               "train.lora.rank=8", "train.lora.alpha=16", *FAST, "train.log_every=1"])
+    assert rc == 0, capsys.readouterr().out
+    rows = list(read_metrics(out / "metrics.jsonl"))
+    assert rows[-1]["val_rewards/accuracies"] == 1.0 and rows[-1]["val_rewards/margins"] > 0.2
+    # the run reloads as the base with adapters; the base's own weights are untouched (only adapters trained)
+    from lmforge.model.lora import lora_modules
+    tuned, _ = lmforge.load(out, device="cpu")
+    assert lora_modules(tuned)
+    base_sd = lmforge.load(base / "base", device="cpu")[0].state_dict()
+    frozen = {n.replace(".base.", "."): p for n, p in tuned.state_dict().items() if "lora_" not in n}
+    shared = [n for n in base_sd if n in frozen]
+    assert shared and all(torch.equal(base_sd[n], frozen[n]) for n in shared)

@@ -9,11 +9,13 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import jsonschema
 import openai
 import pytest
+import torch
 
 from lmforge import load
 from lmforge.cli import main
@@ -351,3 +353,31 @@ def test_cli_refuses_a_port_in_use(ckpt, capsys):
         rc = main(["serve", "--checkpoint", str(ckpt), "--port", str(taken.getsockname()[1])])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "cannot listen on 127.0.0.1" in err and len(err.splitlines()) == 1
+
+
+def test_chat_on_an_imported_hugging_face_model_uses_its_template(tmp_path):
+    """A Hugging Face directory (a Qwen2.5-style template, its own tokenizer) served as it is: the prompt is what
+    transformers' apply_chat_template gives, and the greedy reply equals the engine's on the same ids."""
+    transformers = pytest.importorskip("transformers")
+    from test_chat import hf_dir
+    from lmforge.tokenizer.chat import end_of_turn_id
+    d = hf_dir("qwen2", str(tmp_path))
+    auto = transformers.AutoTokenizer.from_pretrained(d)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(auto), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there, who are you?"}]
+    want_ids = auto.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)
+    model, tok = load(d, device="cpu")
+    assert chat_ids(tok, msgs) == want_ids
+    want = Engine(model, tok).generate([want_ids], SamplingParams(
+        temperature=0, max_tokens=8, stop_token_ids=[end_of_turn_id(tok)]), add_bos=False)[0][0]
+    s = Server(Path(d))
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        r = c.chat.completions.create(model=Path(d).name, messages=msgs, max_tokens=8, temperature=0)
+    finally:
+        s.stop()
+    assert r.usage.prompt_tokens == len(want_ids)
+    assert r.choices[0].message.content == want.text.removesuffix("<|im_end|>")

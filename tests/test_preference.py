@@ -105,6 +105,34 @@ def test_builtin_pairs_are_a_right_and_a_wrong_answer():
     assert "12 + 30 = 42" not in variants and {"12 + 30 = 43", "12 + 30 = 41", "12 + 30 = 24"} <= set(variants)
 
 
+def test_builtin_tool_pairs_reject_a_miscopied_call():
+    fam = family("arithmetic:digits=3,ops=+,tools=true")
+    pairs = task_pairs(fam, 40, seed=0, split="eval")
+    assert len(pairs) == 40
+    kinds = set()
+    for p in pairs:
+        a, b = p.prompt[-1]["content"].removeprefix("What is ").removesuffix("?").split(" + ")
+        call = lambda turn: turn[0]["tool_calls"][0]["function"]["arguments"]["expression"]  # noqa: E731
+        assert call(p.chosen) == f"{a}+{b}" and p.chosen[-1]["content"] == str(int(a) + int(b))
+        a2, b2 = call(p.rejected).split("+")
+        assert (a2 == a) != (b2 == b)                                    # exactly one operand miscopied
+        wrong, right = (a2, a) if a2 != a else (b2, b)
+        kinds.add("dropped" if len(wrong) < len(right) else "added" if len(wrong) > len(right) else "changed")
+        # the wrong call's own result, in the tool message and the answer: the mistake is in the copying
+        assert p.rejected[1]["content"] == p.rejected[2]["content"] == str(int(a2) + int(b2)) != p.chosen[2]["content"]
+        assert p.tools == fam.tools
+    assert kinds == {"dropped", "added", "changed"}
+
+
+def test_own_samples_are_refused_for_tool_pairs(base):
+    from lmforge.stages.pairs import PairsConfig, rendered_pairs
+    from lmforge.errors import ConfigError
+    model, tok = lmforge.load(base / "base", device="cpu")
+    cfg = PairsConfig(data=["arithmetic:digits=3,tools=true"], pairs_n=2, val_n=0, own_fraction=0.5)
+    with pytest.raises(ConfigError, match="own_fraction"):
+        rendered_pairs(cfg, model, tok, 0)
+
+
 def test_completion_masks_cover_only_the_compared_reply():
     tok = Tokenizer([], GPT4_PATTERN)
     p = parse_pair({"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "EARLIER"},

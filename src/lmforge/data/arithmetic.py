@@ -182,6 +182,39 @@ class ArithmeticFamily(TaskFamily):
                        {"role": "assistant", "content": answer}]
 
 
+    def miscopied(self, problem: Problem, rng) -> list[dict] | None:
+        """The tool demonstration with one operand miscopied into the call (a digit dropped, added, changed by one
+        or swapped with its neighbour); the tool's result and the answer are those of the wrong call."""
+        m = problem.meta
+        a, b = str(m["a"]), str(m["b"])
+        for _ in range(20):
+            a2, b2 = (miscopy(a, rng), b) if rng.random() < 0.5 else (a, miscopy(b, rng))
+            if (a2, b2) != (a, b):
+                break
+        else:
+            return None
+        wrong = Problem(problem.messages, str(_apply(int(a2), m["op"], int(b2))), problem.key,
+                        {**m, "a": int(a2), "b": int(b2), "expression": f"{a2}{m['op']}{b2}"})
+        return self.demonstration(wrong, tools=True)
+
+
+def miscopy(digits: str, rng) -> str:
+    """A digit string copied wrongly: one digit dropped, added, changed by one, or swapped with its neighbour."""
+    d = list(digits)
+    i = rng.randrange(len(d))
+    kind = rng.randrange(4)
+    if kind == 0 and len(d) > 1:
+        del d[i]
+    elif kind == 1:
+        d[i] = str((int(d[i]) + rng.choice((1, 9))) % 10)
+    elif kind == 2 and len(d) > 1:
+        j = min(i + 1, len(d) - 1)
+        d[j - 1], d[j] = d[j], d[j - 1]
+    else:
+        d.insert(i, str(rng.randrange(10)))
+    return "".join(d).lstrip("0") or "0"
+
+
 @functools.lru_cache(maxsize=16)
 def _enumerated(digits: int, ops: str, split: str) -> tuple[tuple[int, str, int], ...]:
     top = 10 ** digits

@@ -160,11 +160,23 @@ def wrong_variants(text: str, rng: random.Random) -> list[str]:
 def task_pairs(family, n: int, seed: int = 0, split: str = "train") -> list[Pair]:
     """n pairs from the family's `split` problems: chosen = the demonstration's reply, rejected = that reply with
     its final number made wrong (the first variant the scorer rejects). Problems without such a variant (no
-    number in the reply) are skipped. Families whose demonstrations call tools are not supported here."""
-    if family.tools:
-        raise DataError(f"{family.name}: built-in pairs need answers without tool calls")
+    number in the reply) are skipped. For a family with tools the reply is the whole tool-using turn (call, result,
+    answer) and the rejected turn calls the tool with the problem copied wrongly (TaskFamily.miscopied), the
+    mistake such a model makes; the pairs carry the tools."""
     rng = random.Random(f"pairs:{family.name}:{seed}:{split}")
     pairs: list[Pair] = []
+    if family.tools:
+        for problem in family.iter_problems(split, seed):
+            k = len(problem.messages)
+            demo, wrong = family.demonstration(problem, tools=True), family.miscopied(problem, rng)
+            if wrong is None:
+                raise DataError(f"{family.name}: this family cannot make wrong tool calls for built-in pairs")
+            if family.score(problem, demo[-1]["content"]) >= 1.0 > family.score(problem, wrong[-1]["content"]):
+                pairs.append(Pair(demo[:k], demo[k:], wrong[k:], file=family.name, line=None,
+                                  tools=family.tools))
+            if len(pairs) >= n:
+                break
+        return pairs
     for problem in family.iter_problems(split, seed):
         demo = family.demonstration(problem)
         reply = demo[-1]

@@ -101,6 +101,11 @@ class InstructionSource:
     def size(self) -> int | None:
         return None
 
+    def miscopied(self, problem: Problem, rng) -> list[dict] | None:
+        """A tool-using demonstration gone wrong the way a model goes wrong: the call copies the problem wrongly
+        and the rest follows that call (None where the family cannot make one). Rejected sides of tool pairs."""
+        return None
+
     def conversations(self, split: str = "train", n: int | None = None, seed: int = 0) -> Iterator[dict]:
         """`{"messages": [...]}` rows (with `"tools"` when the source uses tools), at most n (None: all of a finite
         source, an endless stream of a procedural one)."""

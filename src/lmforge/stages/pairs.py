@@ -110,6 +110,9 @@ def load_pairs(sources: list[str], *, n: int, val_fraction: float, val_n: int, s
     for src in sources:
         if tasks.is_builtin(src):
             fam = tasks.family(src)
+            if fam.tools and own_fraction and model is not None:
+                raise ConfigError(f"{src}: own_fraction needs answers without tool calls (the model's own tool "
+                                  f"turns are not sampled for pairs)", field="own_fraction")
             for split, count, out in (("train", n, train), ("eval", val_n, val)):
                 own = round(count * own_fraction) if model is not None else 0
                 mine = model_pairs(model, tok, fam, own, seed, split, own_samples, own_temperature, own_max_tokens)

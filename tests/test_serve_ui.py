@@ -110,14 +110,16 @@ def test_token_view_shows_the_api_probabilities_and_reshapes_them(page, server):
 
 
 def test_stop_button_ends_the_reply_and_frees_the_row(page, server):
+    page.click("#clear")                          # a conversation of its own: the checks below read its reply
     set_sampling(page, temperature=0, max_tokens=4000)
     page.fill("#prompt", "tell me everything")
     page.click("#send")
-    page.wait_for_function("document.querySelector('.msg.assistant .content').textContent.length > 3",
+    page.wait_for_selector("#stop:enabled", timeout=60_000)
+    page.wait_for_function("[...document.querySelectorAll('.msg.assistant .content')].pop()?.textContent.length > 3",
                            timeout=60_000)
     page.click("#stop")
     page.wait_for_selector(".msg.assistant .finish", timeout=30_000)
-    assert page.inner_text(".msg.assistant .finish") == "[stopped]"
+    assert page.locator(".msg.assistant .finish").last.inner_text() == "[stopped]"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         h = httpx.get(server.url + "/health").json()

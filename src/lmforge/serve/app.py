@@ -91,27 +91,27 @@ def create_app(model, tokenizer, *, name: str, api_key: str | None = None, max_b
     async def list_models():
         return models_list(name, created, served.context)
 
+    async def generate(request: Request, shape, prepare, make_events, stream, collect):
+        """One generation request: parse and check the body, prepare the prompt (off the event loop), then stream
+        its events as SSE or collect them into one response."""
+        body = parse(shape, await _read_body(request))
+        _check_model(body.model, name)
+        prep = await asyncio.to_thread(prepare, served, body)
+        metrics.prompt_tokens.inc(len(prep.prompt_ids))
+        events = make_events(served, prep)
+        if body.stream:
+            return await _sse(stream(served, body, prep, await handlers.first_and_rest(events)))
+        return await _until_disconnect(request, collect(served, body, prep, events))
+
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = parse(CompletionBody, await _read_body(request))
-        _check_model(body.model, name)
-        prep = await asyncio.to_thread(handlers.prepare_completion, served, body)
-        metrics.prompt_tokens.inc(len(prep.prompt_ids))
-        events = handlers.completion_events(served, prep)
-        if body.stream:
-            return await _sse(handlers.stream_completion(served, body, prep, await handlers.first_and_rest(events)))
-        return await _until_disconnect(request, handlers.collect_completion(served, body, prep, events))
+        return await generate(request, CompletionBody, handlers.prepare_completion, handlers.completion_events,
+                              handlers.stream_completion, handlers.collect_completion)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = parse(ChatBody, await _read_body(request))
-        _check_model(body.model, name)
-        prep = await asyncio.to_thread(handlers.prepare_chat, served, body)
-        metrics.prompt_tokens.inc(len(prep.prompt_ids))
-        events = handlers.chat_events(served, prep)
-        if body.stream:
-            return await _sse(handlers.stream_chat(served, body, prep, await handlers.first_and_rest(events)))
-        return await _until_disconnect(request, handlers.collect_chat(served, body, prep, events))
+        return await generate(request, ChatBody, handlers.prepare_chat, handlers.chat_events, handlers.stream_chat,
+                              handlers.collect_chat)
 
     # ---- lmforge's own: what the UI's views show ----
     @app.get("/v1/lmforge/info")

@@ -252,34 +252,46 @@ def _accuracy_change(s: dict) -> str:
 
 
 def grpo_arguments(p) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="RUN", help="the policy to start from (an SFT model)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--task", default=None, metavar="NAME",
-                     help="a built-in task family: its training problems are the prompts, its scorer the verifier")
-    src.add_argument("--prompts", default=None, metavar="FILE",
-                     help='prompt JSONL ({"prompt": ..., other keys go to the reward functions})')
+    rl_arguments(p, "GRPOConfig", task_help="a built-in task family: its training problems are the prompts, its "
+                                            "scorer the verifier",
+                 prompts_help='prompt JSONL ({"prompt": ..., other keys go to the reward functions})',
+                 example="group_size=8 prompts_per_step=8 max_new_tokens=32 beta=0.04 loss_type=dapo "
+                         "num_iterations=2 train.max_steps=100 train.lr=1e-5")
     p.add_argument("--reward", default=None, metavar="SPEC",
                    help="verifier | a reward model directory | module:function, comma-separated for several "
                         "(weights: reward_weights=[...]); default verifier")
+
+
+def rl_arguments(p, config: str, *, task_help: str, prompts_help: str, example: str) -> None:
+    """The arguments grpo and ppo share: the policy, where the prompts come from, the run."""
+    p.add_argument("--checkpoint", required=True, metavar="RUN", help="the policy to start from (an SFT model)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--task", default=None, metavar="NAME", help=task_help)
+    src.add_argument("--prompts", default=None, metavar="FILE", help=prompts_help)
     p.add_argument("--out", default=None, metavar="DIR", help="run directory (train.out_dir)")
-    p.add_argument("--recipe", default=None, help="YAML recipe (keys of GRPOConfig)")
+    p.add_argument("--recipe", default=None, help=f"YAML recipe (keys of {config})")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same as train.resume=true)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="e.g. group_size=8 prompts_per_step=8 max_new_tokens=32 beta=0.04 loss_type=dapo "
-                        "num_iterations=2 train.max_steps=100 train.lr=1e-5")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"e.g. {example}")
+
+
+def rl_config(args, config_class):
+    """The verb's config: recipe and KEY=VALUE overrides, then the checkpoint and prompt source flags."""
+    from lmforge.config import load_config
+
+    args.data = None
+    _, over = data_and_overrides(args)
+    cfg = load_config(config_class, args.recipe, over)
+    cfg.checkpoint = args.checkpoint
+    if args.task or args.prompts:
+        cfg.task, cfg.prompts = args.task, args.prompts
+    return cfg
 
 
 def cmd_grpo(args) -> int:
     import lmforge
-    from lmforge.config import load_config
     from lmforge.stages.grpo import GRPOConfig, run_grpo
 
-    args.data = None
-    _, over = data_and_overrides(args)
-    cfg = load_config(GRPOConfig, args.recipe, over)
-    cfg.checkpoint = args.checkpoint
-    if args.task or args.prompts:
-        cfg.task, cfg.prompts = args.task, args.prompts
+    cfg = rl_config(args, GRPOConfig)
     if args.reward:
         cfg.reward = [s for s in args.reward.split(",") if s]
     model, tok = lmforge.load(cfg.checkpoint, device="cpu")
@@ -291,32 +303,19 @@ def cmd_grpo(args) -> int:
 
 
 def ppo_arguments(p) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="RUN", help="the policy to start from (an SFT model)")
+    rl_arguments(p, "PPOConfig", task_help="a built-in task family: its training problems are the prompts (its "
+                                           "verifier's accuracy is logged)",
+                 prompts_help='prompt JSONL ({"prompt": ...})',
+                 example="kl_coef=0.05 ppo_epochs=4 num_mini_batches=2 prompts_per_step=32 vf_coef=0.1 "
+                         "train.max_steps=64 train.lr=1e-5")
     p.add_argument("--reward-model", default=None, metavar="RM", help="a reward model (lmforge reward train)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--task", default=None, metavar="NAME",
-                     help="a built-in task family: its training problems are the prompts (its verifier's accuracy is "
-                          "logged)")
-    src.add_argument("--prompts", default=None, metavar="FILE", help='prompt JSONL ({"prompt": ...})')
-    p.add_argument("--out", default=None, metavar="DIR", help="run directory (train.out_dir)")
-    p.add_argument("--recipe", default=None, help="YAML recipe (keys of PPOConfig)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same as train.resume=true)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="e.g. kl_coef=0.05 ppo_epochs=4 num_mini_batches=2 prompts_per_step=32 vf_coef=0.1 "
-                        "train.max_steps=64 train.lr=1e-5")
 
 
 def cmd_ppo(args) -> int:
     import lmforge
-    from lmforge.config import load_config
     from lmforge.stages.ppo import PPOConfig, run_ppo
 
-    args.data = None
-    _, over = data_and_overrides(args)
-    cfg = load_config(PPOConfig, args.recipe, over)
-    cfg.checkpoint = args.checkpoint
-    if args.task or args.prompts:
-        cfg.task, cfg.prompts = args.task, args.prompts
+    cfg = rl_config(args, PPOConfig)
     cfg.reward_model = args.reward_model or cfg.reward_model
     model, tok = lmforge.load(cfg.checkpoint, device="cpu")
     s = run_ppo(cfg, model, tok, base=cfg.checkpoint, load_model=lambda path: lmforge.load(path, device="cpu"))

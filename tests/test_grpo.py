@@ -291,16 +291,19 @@ def test_tool_episodes_train_the_assistant_tokens_only(base, monkeypatch):
     family = tasks.family("arithmetic:digits=1,ops=+,tools=true")
     calls = []
 
-    def fake_turn(engine, tok_, messages, tools=None, params=None, **kw):
-        calls.append(params.seed)
-        a, b = (int(s) for s in messages[-1]["content"].split("What is ")[1].rstrip("?").split(" + "))
-        right = len(calls) % 2 == 0            # every other completion answers right
-        call = {"id": "call_0", "type": "function",
-                "function": {"name": "calculator", "arguments": {"expression": f"{a}+{b}"}}}
-        return [{"role": "assistant", "content": "", "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": "call_0", "name": "calculator", "content": "TOOLRESULT"},
-                {"role": "assistant", "content": str(a + b if right else a + b + 1)}]
-    monkeypatch.setattr(assistant, "run_chat_turn", fake_turn)
+    def fake_turns(engine, tok_, conversations, tools=None, params=None, **kw):
+        out = []
+        for messages, p in zip(conversations, params):
+            calls.append(p.seed)
+            a, b = (int(s) for s in messages[-1]["content"].split("What is ")[1].rstrip("?").split(" + "))
+            right = len(calls) % 2 == 0            # every other completion answers right
+            call = {"id": "call_0", "type": "function",
+                    "function": {"name": "calculator", "arguments": {"expression": f"{a}+{b}"}}}
+            out.append([{"role": "assistant", "content": "", "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": "call_0", "name": "calculator", "content": "TOOLRESULT"},
+                        {"role": "assistant", "content": str(a + b if right else a + b + 1)}])
+        return out
+    monkeypatch.setattr(assistant, "run_chat_turns", fake_turns)
     cfg = GRPOConfig(task="arithmetic:digits=1,ops=+,tools=true", group_size=4, prompts_per_step=2,
                      max_new_tokens=32, val_n=0)
     task = GRPOTask(cfg, tok, family=family, device="cpu", seed=0, reward_fns=resolve_rewards(["verifier"], None,

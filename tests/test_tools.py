@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.infer.assistant import generate_reply, run_chat_turn, run_tool, tool_call_grammar
+from lmforge.errors import ConfigError
+from lmforge.infer.assistant import generate_reply, run_chat_turn, run_chat_turns, run_tool, tool_call_grammar
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.tools import (CALCULATOR, MAX_DEPTH, MAX_EXPRESSION_CHARS, Tool, ToolError, calculate, get_tools,
@@ -374,6 +375,30 @@ def test_max_tool_rounds(tiny):
     assert roles.count("assistant") == 3 and all(m["content"] == "n=42" for m in new if m["role"] == "tool")
     ids = [c["id"] for m in new for c in m.get("tool_calls", [])]
     assert len(ids) == len(set(ids)) == roles.count("tool")
+
+
+def test_many_turns_at_once_equal_each_turn_alone(tiny):
+    """run_chat_turns shares one engine batch among conversations whose turns are at different phases (text,
+    calls under the grammar, after tool results); each gets exactly what run_chat_turn gives it alone."""
+    model, tok = tiny
+    tc = tok.special_tokens[TOOL_CALL]
+    tools = [ADD]
+    convs = [[{"role": "user", "content": f"Add {i} and {2 * i}."}] for i in range(6)]
+    params = [SamplingParams(seed=10 + i, temperature=1.0, max_tokens=120,
+                             logit_bias={tc: 100.0} if i % 2 else None) for i in range(6)]
+    events = []
+    together = run_chat_turns(model, tok, convs, tools, params, max_tool_rounds=2,
+                              on_event=lambda i, k, v: events.append((i, k)), max_batch=4)
+    alone = [run_chat_turn(Engine(model, tok), tok, c, tools, p, max_tool_rounds=2) for c, p in zip(convs, params)]
+    assert together == alone
+    assert sum(m["role"] == "tool" for new in together for m in new) >= 3      # the odd ones called tools
+    assert sorted(i for i, k in events if k == "finish") == list(range(6))
+    # one params for all: greedy, the same as alone too
+    greedy = SamplingParams(temperature=0, max_tokens=40, logit_bias={tc: 100.0})
+    assert run_chat_turns(Engine(model, tok, max_batch=8), tok, convs[:3], tools, greedy, max_tool_rounds=1) == \
+        [run_chat_turn(model, tok, c, tools, greedy, max_tool_rounds=1) for c in convs[:3]]
+    with pytest.raises(ConfigError, match="2 sampling params for 6 conversations"):
+        run_chat_turns(model, tok, convs, tools, params[:2])
 
 
 def test_run_tool_never_raises():

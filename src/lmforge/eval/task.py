@@ -156,17 +156,25 @@ def _answer(model, tok, family, problems, greedy, sampled, eot, batch_size, prog
 
 
 def _answer_with_tools(model, tok, family, problems, greedy, sampled, eot, batch_size, progress):
-    """Answers through the tool loop, one conversation at a time (the loop drives one request per step)."""
-    from lmforge.infer.assistant import run_chat_turn
+    """Answers through the tool loop: every answer a whole assistant turn, batch_size turns sharing the engine."""
+    from lmforge.infer.assistant import run_chat_turns
 
     names = [t["function"]["name"] for t in family.tools]
-    engine = Engine(model, tok, max_batch=1)
-    total = len(problems) + sum(s.n for s in sampled)
+    jobs = [(i, 0, greedy) for i in range(len(problems))]
+    jobs += [(i, c, params.replace(n=1, seed=params.seed + c)) for i, params in enumerate(sampled)
+             for c in range(params.n)]
+    finish: dict[int, str] = {}
 
-    def one(p, params):
-        finish = []
-        new = run_chat_turn(engine, tok, p.messages, tools=names, params=params,
-                            on_event=lambda kind, v: finish.append(v) if kind == "finish" else None)
+    def on_event(j, kind, value):
+        if kind == "finish":
+            finish[j] = value
+            bar.update(1)
+
+    with tqdm(total=len(jobs), disable=not progress, unit="answer", desc=f"eval {family.name}", leave=False) as bar:
+        news = run_chat_turns(model, tok, [problems[i].messages for i, _, _ in jobs], names,
+                              [p for _, _, p in jobs], on_event=on_event, max_batch=batch_size)
+
+    def answer(j, p, new):
         # tokens the assistant wrote (its replies, calls and end tokens): the loss mask counts exactly those
         _, mask = render_chat(tok, list(p.messages) + new, family.tools)
         _, before = render_chat(tok, list(p.messages), family.tools)
@@ -174,19 +182,12 @@ def _answer_with_tools(model, tok, family, problems, greedy, sampled, eot, batch
         calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"],
                   "result": results.get(c.get("id"))} for m in new for c in m.get("tool_calls") or []]
         return {"text": new[-1].get("content") or "", "tokens": sum(mask) - sum(before),
-                "ended": bool(finish) and finish[-1] == "stop", "tool_calls": len(calls), "calls": calls}
+                "ended": finish.get(j) == "stop", "tool_calls": len(calls), "calls": calls}
 
-    g_out, s_out = [], []
-    with tqdm(total=total, disable=not progress, unit="answer", desc=f"eval {family.name}", leave=False) as bar:
-        for p in problems:
-            g_out.append([one(p, greedy)])
-            bar.update(1)
-        for p, params in zip(problems, sampled):
-            outs = []
-            for c in range(params.n):
-                outs.append(one(p, params.replace(n=1, seed=params.seed + c)))
-                bar.update(1)
-            s_out.append(outs)
+    g_out = [[None] for _ in problems]
+    s_out = [[None] * params.n for params in sampled]
+    for j, ((i, c, _), new) in enumerate(zip(jobs, news)):
+        (g_out if j < len(problems) else s_out)[i][c] = answer(j, problems[i], new)
     return g_out, s_out
 
 

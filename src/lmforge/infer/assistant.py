@@ -116,15 +116,49 @@ def _drive(engine: Engine, prompt_ids: list[int], params: SamplingParams, constr
     return "".join(text), ids, finish, reason
 
 
-def generate_reply(engine: Engine, tok, prompt_ids: list[int], params: SamplingParams | None = None,
-                   tools: Sequence[Tool] = (), *, tool_choice: str = "auto",
-                   on_text: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
-                   grammar: Grammar | None = None) -> Reply:
-    """One assistant reply to `prompt_ids` (a conversation rendered with the generation prompt), in the two
-    phases of the module docstring. tool_choice (as in OpenAI's API): "auto" the model decides; "required" the
-    reply is tool calls only (it starts with <|tool_call|>: phase 1 is skipped); "none" (or no tools) a
-    <|tool_call|> just ends the reply. `should_stop` is polled before every engine step; when it says True the
-    request is aborted (finish_reason "abort")."""
+# A turn is written as a generator of the engine requests it needs: it yields (prompt_ids, params, constraint,
+# on_text) and is sent back (text, token ids, finish_reason, stop_reason). One driver runs a turn alone
+# (`_run_alone`), another runs many turns at once on one engine (`run_chat_turns`), so both share every rule.
+def _run_alone(engine: Engine, steps, should_stop):
+    try:
+        req = next(steps)
+        while True:
+            req = steps.send(_drive(engine, *req, should_stop))
+    except StopIteration as done:
+        return done.value
+
+
+def _reply_steps(tok, max_seq_len: int, prompt_ids: list[int], params: SamplingParams, tools: list[Tool],
+                 tool_choice: str, on_text, grammar: Grammar | None):
+    """generate_reply as a step generator (its arguments already checked); returns the Reply."""
+    sp = tok.special_tokens
+    if tool_choice == "required":
+        text, ids, finish, reason = "", [sp[TOOL_CALL]], "stop", sp[TOOL_CALL]
+    else:
+        markers = [sp[m] for m in CHAT_MARKERS if m in sp]
+        ends = sorted(set(markers) | ({end_of_turn_id(tok)} if not uses_lmforge_template(tok) else set()))
+        free = params.replace(stop_token_ids=sorted(set(params.stop_token_ids) | set(ends)))
+        text, ids, finish, reason = yield (prompt_ids, free, None, on_text)
+        if not (tools and finish == "stop" and reason == sp[TOOL_CALL]):
+            return Reply(text, [], finish, ids)
+
+    # phase 2: the calls, under the grammar, from right after <|tool_call|>
+    left = None if params.max_tokens is None else params.max_tokens - len(ids)
+    prompt = list(prompt_ids) + ids
+    if (left is not None and left < 1) or len(prompt) >= max_seq_len:
+        return Reply(text, [], "length", ids)
+    grammar = grammar or tool_call_grammar(tok, tools)
+    # the grammar decides what may come: stop strings, stop ids and logit biases are for the text
+    calls_params = params.replace(stop=[], stop_token_ids=[], logit_bias=None, max_tokens=left, logprobs=None,
+                                  min_tokens=0)
+    _, call_ids, finish, _ = yield (prompt, calls_params, grammar, None)
+    ids = ids + call_ids
+    if finish != "stop" or not call_ids or call_ids[-1] != sp[END]:
+        return Reply(text, [], finish if finish != "stop" else "length", ids)
+    return Reply(text, parse_tool_calls(tok, call_ids), "stop", ids)
+
+
+def _check_reply_args(tok, params: SamplingParams | None, tools, tool_choice: str):
     params = params or SamplingParams()
     if tool_choice not in TOOL_CHOICES:
         raise ConfigError(f"{tool_choice!r} is not one of {', '.join(TOOL_CHOICES)}", field="tool_choice")
@@ -134,31 +168,22 @@ def generate_reply(engine: Engine, tok, prompt_ids: list[int], params: SamplingP
     check_tool_use(tok, tools)
     if params.n != 1:
         raise ConfigError("a chat reply is one completion", field="n")
-    sp = tok.special_tokens
-    if tool_choice == "required":
-        text, ids, finish, reason = "", [sp[TOOL_CALL]], "stop", sp[TOOL_CALL]
-    else:
-        markers = [sp[m] for m in CHAT_MARKERS if m in sp]
-        ends = sorted(set(markers) | ({end_of_turn_id(tok)} if not uses_lmforge_template(tok) else set()))
-        free = params.replace(stop_token_ids=sorted(set(params.stop_token_ids) | set(ends)))
-        text, ids, finish, reason = _drive(engine, prompt_ids, free, None, on_text, should_stop)
-        if not (tools and finish == "stop" and reason == sp[TOOL_CALL]):
-            return Reply(text, [], finish, ids)
+    return params, tools
 
-    # phase 2: the calls, under the grammar, from right after <|tool_call|>
-    left = None if params.max_tokens is None else params.max_tokens - len(ids)
-    prompt = list(prompt_ids) + ids
-    if (left is not None and left < 1) or len(prompt) >= engine.model.config.max_seq_len:
-        return Reply(text, [], "length", ids)
-    grammar = grammar or tool_call_grammar(tok, tools)
-    # the grammar decides what may come: stop strings, stop ids and logit biases are for the text
-    calls_params = params.replace(stop=[], stop_token_ids=[], logit_bias=None, max_tokens=left, logprobs=None,
-                                  min_tokens=0)
-    _, call_ids, finish, _ = _drive(engine, prompt, calls_params, grammar, None, should_stop)
-    ids = ids + call_ids
-    if finish != "stop" or not call_ids or call_ids[-1] != sp[END]:
-        return Reply(text, [], finish if finish != "stop" else "length", ids)
-    return Reply(text, parse_tool_calls(tok, call_ids), "stop", ids)
+
+def generate_reply(engine: Engine, tok, prompt_ids: list[int], params: SamplingParams | None = None,
+                   tools: Sequence[Tool] = (), *, tool_choice: str = "auto",
+                   on_text: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
+                   grammar: Grammar | None = None) -> Reply:
+    """One assistant reply to `prompt_ids` (a conversation rendered with the generation prompt), in the two
+    phases of the module docstring. tool_choice (as in OpenAI's API): "auto" the model decides; "required" the
+    reply is tool calls only (it starts with <|tool_call|>: phase 1 is skipped); "none" (or no tools) a
+    <|tool_call|> just ends the reply. `should_stop` is polled before every engine step; when it says True the
+    request is aborted (finish_reason "abort")."""
+    params, tools = _check_reply_args(tok, params, tools, tool_choice)
+    steps = _reply_steps(tok, engine.model.config.max_seq_len, prompt_ids, params, tools, tool_choice, on_text,
+                         grammar)
+    return _run_alone(engine, steps, should_stop)
 
 
 def parse_tool_calls(tok, call_ids: Sequence[int]) -> list[dict]:
@@ -204,41 +229,41 @@ def run_tool(tools_by_name: dict[str, Tool], name: str, arguments: dict) -> str:
     return out
 
 
-def run_chat_turn(engine_or_model, tok, messages: list[dict], tools=None, params: SamplingParams | None = None,
-                  *, max_tool_rounds: int = 4, tool_choice: str = "auto", on_event: OnEvent | None = None,
-                  should_stop: Callable[[], bool] | None = None, precision: str = "fp32") -> list[dict]:
-    """The model's turn after `messages`: the new messages, in order — for each round of tool calls an assistant
-    message with `tool_calls` and one `tool` message per call, then the final assistant message. `messages` is
-    not changed. engine_or_model: an idle Engine (reused: its settings apply) or a model (an Engine is made).
-    tools: Tool records or built-in names. tool_choice applies to the first reply (generate_reply); the replies
-    after tool results are "auto", and the one after the last round "none"."""
+def _check_turn_args(tok, tools, tool_choice: str, max_tool_rounds) -> list[Tool]:
     tools = as_tools(tools)
     check_tool_use(tok, tools)
     if tool_choice not in TOOL_CHOICES:
         raise ConfigError(f"{tool_choice!r} is not one of {', '.join(TOOL_CHOICES)}", field="tool_choice")
     if isinstance(max_tool_rounds, bool) or not isinstance(max_tool_rounds, int) or max_tool_rounds < 0:
         raise ConfigError(f"must be an integer >= 0, got {max_tool_rounds!r}", field="max_tool_rounds")
+    return tools
+
+
+def _idle(engine_or_model, tok, precision: str, **engine_args) -> Engine:
     if isinstance(engine_or_model, Engine):
-        engine = engine_or_model
-        if engine.has_unfinished():
-            raise ConfigError("the engine is running other requests: give run_chat_turn an idle engine")
-    else:
-        engine = Engine(engine_or_model, tok, precision=precision)
-    emit = on_event or (lambda kind, value: None)
+        if engine_or_model.has_unfinished():
+            raise ConfigError("the engine is running other requests: give the tool loop an idle engine")
+        return engine_or_model
+    return Engine(engine_or_model, tok, precision=precision, **engine_args)
+
+
+def _turn_steps(tok, max_seq_len: int, messages: list[dict], tools: list[Tool], params: SamplingParams | None,
+                max_tool_rounds: int, tool_choice: str, emit: OnEvent, grammar: Grammar | None):
+    """run_chat_turn as a step generator; returns the new messages."""
     by_name = {t.name: t for t in tools}
     declared = [to_openai(t) for t in tools] or None
-    grammar = tool_call_grammar(tok, tools) if tools else None
     n_calls = sum(len(m.get("tool_calls") or []) for m in messages if isinstance(m, dict))
     new: list[dict] = []
     for rnd in range(max_tool_rounds + 1):
         prompt, _ = render_chat(tok, list(messages) + new, declared, add_generation_prompt=True)
-        if rnd and len(prompt) >= engine.model.config.max_seq_len:  # tool results filled the context
+        if rnd and len(prompt) >= max_seq_len:  # tool results filled the context
             new.append({"role": "assistant", "content": ""})
             emit("finish", "length")
             return new
         choice = "none" if rnd == max_tool_rounds or not tools else tool_choice if rnd == 0 else "auto"
-        reply = generate_reply(engine, tok, prompt, params, tools, tool_choice=choice,
-                               on_text=lambda s: emit("text", s), should_stop=should_stop, grammar=grammar)
+        p, offered = _check_reply_args(tok, params, tools, choice)
+        reply = yield from _reply_steps(tok, max_seq_len, prompt, p, offered, choice, lambda s: emit("text", s),
+                                        grammar)
         msg = {"role": "assistant", "content": reply.content}
         new.append(msg)
         if not reply.tool_calls:
@@ -259,5 +284,68 @@ def run_chat_turn(engine_or_model, tok, messages: list[dict], tools=None, params
     raise AssertionError("unreachable: the last round offers no tools")
 
 
+def run_chat_turn(engine_or_model, tok, messages: list[dict], tools=None, params: SamplingParams | None = None,
+                  *, max_tool_rounds: int = 4, tool_choice: str = "auto", on_event: OnEvent | None = None,
+                  should_stop: Callable[[], bool] | None = None, precision: str = "fp32") -> list[dict]:
+    """The model's turn after `messages`: the new messages, in order — for each round of tool calls an assistant
+    message with `tool_calls` and one `tool` message per call, then the final assistant message. `messages` is
+    not changed. engine_or_model: an idle Engine (reused: its settings apply) or a model (an Engine is made).
+    tools: Tool records or built-in names. tool_choice applies to the first reply (generate_reply); the replies
+    after tool results are "auto", and the one after the last round "none"."""
+    tools = _check_turn_args(tok, tools, tool_choice, max_tool_rounds)
+    engine = _idle(engine_or_model, tok, precision)
+    grammar = tool_call_grammar(tok, tools) if tools else None
+    steps = _turn_steps(tok, engine.model.config.max_seq_len, messages, tools, params, max_tool_rounds,
+                        tool_choice, on_event or (lambda kind, value: None), grammar)
+    return _run_alone(engine, steps, should_stop)
+
+
+def run_chat_turns(engine_or_model, tok, conversations: Sequence[list[dict]], tools=None,
+                   params: SamplingParams | Sequence[SamplingParams] | None = None, *, max_tool_rounds: int = 4,
+                   tool_choice: str = "auto", on_event: Callable[[int, str, object], None] | None = None,
+                   precision: str = "fp32", max_batch: int = 64) -> list[list[dict]]:
+    """run_chat_turn for many conversations at once: every turn's requests share one engine's batch (a turn
+    waiting for its tools or its next phase does not hold the others up), and each turn's messages are what
+    run_chat_turn would give it alone with the same params. params: one for all or one per conversation.
+    on_event(i, kind, value) reports conversation i's events. Returns the new messages of each conversation."""
+    tools = _check_turn_args(tok, tools, tool_choice, max_tool_rounds)
+    engine = _idle(engine_or_model, tok, precision, max_batch=max_batch)
+    if params is None or isinstance(params, SamplingParams):
+        params = [params] * len(conversations)
+    if len(params) != len(conversations):
+        raise ConfigError(f"{len(params)} sampling params for {len(conversations)} conversations", field="params")
+    grammar = tool_call_grammar(tok, tools) if tools else None
+    emit = on_event or (lambda i, kind, value: None)
+    results: list[list[dict] | None] = [None] * len(conversations)
+    live: dict[object, tuple] = {}      # request id -> (conversation, its steps, text pieces, ids, on_text)
+
+    def advance(i, steps, answer):
+        try:
+            prompt, p, constraint, on_text = steps.send(answer)
+        except StopIteration as done:
+            results[i] = done.value
+            return
+        rid = ("turns", next(_request_ids))
+        engine.add_request(rid, prompt, p, constraint=constraint, add_bos=False)
+        live[rid] = (i, steps, [], [], on_text)
+
+    for i, (messages, p) in enumerate(zip(conversations, params)):
+        steps = _turn_steps(tok, engine.model.config.max_seq_len, messages, tools, p, max_tool_rounds,
+                            tool_choice, lambda kind, value, i=i: emit(i, kind, value), grammar)
+        advance(i, steps, None)
+    while engine.has_unfinished():
+        for o in engine.step():
+            i, steps, text, ids, on_text = live[o.request_id]
+            ids += o.token_ids
+            if o.text:
+                text.append(o.text)
+                if on_text is not None:
+                    on_text(o.text)
+            if o.finished:
+                del live[o.request_id]
+                advance(i, steps, ("".join(text), ids, o.finish_reason, o.stop_reason))
+    return results
+
+
 __all__ = ["Reply", "as_tools", "check_tool_use", "tool_call_grammar", "generate_reply", "parse_tool_calls",
-           "run_tool", "run_chat_turn"]
+           "run_tool", "run_chat_turn", "run_chat_turns"]

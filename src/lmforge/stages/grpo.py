@@ -265,25 +265,24 @@ class GRPOTask(Task):
 
     def _episodes(self, model, items, params):
         """Tool-using rollouts: each completion is a whole assistant turn through the tool loop (reply, calls
-        decoded under the tools' grammar, results, the reply after them), one conversation at a time. Rows are
-        the conversation as rendered (the tokens SFT trains on); the policy's part is the assistant's tokens —
-        tool results are in the context but not trained. Returns ([(ids, wrote)], final answer texts)."""
-        from lmforge.infer.assistant import run_chat_turn
-        from lmforge.infer.engine import Engine
-        tools = self.family.tools
+        decoded under the tools' grammar, results, the reply after them), all of a step's turns sharing the
+        engine's batch. Rows are the conversation as rendered (the tokens SFT trains on); the policy's part is the
+        assistant's tokens — tool results are in the context but not trained. Returns ([(ids, wrote)], final
+        answer texts)."""
+        from lmforge.infer.assistant import run_chat_turns
+        tools, G = self.family.tools, self.cfg.group_size
         names = [t["function"]["name"] for t in tools]
-        engine = Engine(model, self.tok, max_batch=1)
+        convs = [list(messages) for messages, _, _ in items for _ in range(G)]
+        turn_params = [params(i).replace(n=1, seed=params(i).seed + c) for i in range(len(items)) for c in range(G)]
+        news = run_chat_turns(model, self.tok, convs, names, turn_params, max_batch=len(convs))
         seqs, texts = [], []
-        for i, (messages, _, _) in enumerate(items):
-            p = params(i)
-            n_before = len(render_chat(self.tok, list(messages), tools)[0])
-            for c in range(self.cfg.group_size):
-                new = run_chat_turn(engine, self.tok, messages, tools=names, params=p.replace(n=1, seed=p.seed + c))
-                full, wrote = render_chat(self.tok, list(messages) + new, tools)
-                full = full[:model.config.max_seq_len + 1]
-                wrote = [0] * n_before + list(wrote[n_before:len(full)])
-                seqs.append((full, wrote))
-                texts.append(new[-1].get("content") or "")
+        for messages, new in zip(convs, news):
+            n_before = len(render_chat(self.tok, messages, tools)[0])
+            full, wrote = render_chat(self.tok, messages + new, tools)
+            full = full[:model.config.max_seq_len + 1]
+            wrote = [0] * n_before + list(wrote[n_before:len(full)])
+            seqs.append((full, wrote))
+            texts.append(new[-1].get("content") or "")
         return seqs, texts
 
     def _text(self, ids: list[int]) -> str:

@@ -124,13 +124,47 @@ def test_builtin_tool_pairs_reject_a_miscopied_call():
     assert kinds == {"dropped", "added", "changed"}
 
 
-def test_own_samples_are_refused_for_tool_pairs(base):
-    from lmforge.stages.pairs import PairsConfig, rendered_pairs
-    from lmforge.errors import ConfigError
-    model, tok = lmforge.load(base / "base", device="cpu")
-    cfg = PairsConfig(data=["arithmetic:digits=3,tools=true"], pairs_n=2, val_n=0, own_fraction=0.5)
-    with pytest.raises(ConfigError, match="own_fraction"):
-        rendered_pairs(cfg, model, tok, 0)
+def test_own_tool_turns_become_pairs(base, monkeypatch):
+    """With tools the model's own whole turns are sampled (through the batched tool loop); a problem with a wrong
+    turn pairs it with a right turn of the model's own when there is one, else with the demonstration."""
+    from lmforge.infer import assistant
+    from lmforge.stages.pairs import PairsConfig, model_pairs, rendered_pairs
+    from lmforge.model import ModelConfig, Transformer
+    tok = lmforge.load(base / "base", device="cpu")[1]
+    torch.manual_seed(0)                       # a context long enough for the tool declaration (byte tokens)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, max_seq_len=512))
+    fam = family("arithmetic:digits=3,tools=true")
+    real = model_pairs(model, tok, fam, 3, seed=0, split="train", samples=2, max_tokens=8)
+    assert len(real) == 3 and all(p.tools == fam.tools for p in real)   # random weights: the demonstration wins
+    for p in real:
+        problem = fam.make(*_operands(p.prompt[-1]["content"]))
+        assert fam.score(problem, p.chosen[-1]["content"]) == 1.0 > fam.score(problem, p.rejected[-1]["content"])
+    seen = []
+
+    def fake_turns(model_, tok_, convs, tools=None, params=None, **kw):
+        seen.append((tools, len(convs), {q.seed for q in params}))
+        out = []
+        for j, msgs in enumerate(convs):
+            a, op, b = _operands(msgs[-1]["content"])
+            right = j % 2 == 1                   # each problem's second sample is right
+            out.append([{"role": "assistant", "content": "", "tool_calls": [
+                {"id": "call_0", "type": "function",
+                 "function": {"name": "calculator", "arguments": {"expression": f"{a}{op}{b}"}}}]},
+                {"role": "tool", "tool_call_id": "call_0", "name": "calculator", "content": "R"},
+                {"role": "assistant", "content": str(fam.make(a, op, b).answer) if right else "-1"}])
+        return out
+    monkeypatch.setattr(assistant, "run_chat_turns", fake_turns)
+    cfg = PairsConfig(data=["arithmetic:digits=3,tools=true"], pairs_n=4, val_n=0, own_fraction=1.0, own_samples=2)
+    rows, _ = rendered_pairs(cfg, model, tok, 0)
+    assert len(rows) == 4 and seen[0][0] == ["calculator"] and len(seen[0][2]) == seen[0][1]  # own seed each
+    for p in rows.pairs:
+        assert p.chosen[-1]["content"] != "-1" and p.rejected[-1]["content"] == "-1"
+        assert p.chosen[1]["content"] == "R"                     # the model's own right turn, not the demonstration
+
+
+def _operands(question: str):
+    a, op, b = question.removeprefix("What is ").removesuffix("?").split(" ")
+    return int(a), op, int(b)
 
 
 def test_completion_masks_cover_only_the_compared_reply():

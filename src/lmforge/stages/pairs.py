@@ -110,9 +110,6 @@ def load_pairs(sources: list[str], *, n: int, val_fraction: float, val_n: int, s
     for src in sources:
         if tasks.is_builtin(src):
             fam = tasks.family(src)
-            if fam.tools and own_fraction and model is not None:
-                raise ConfigError(f"{src}: own_fraction needs answers without tool calls (the model's own tool "
-                                  f"turns are not sampled for pairs)", field="own_fraction")
             for split, count, out in (("train", n, train), ("eval", val_n, val)):
                 own = round(count * own_fraction) if model is not None else 0
                 mine = model_pairs(model, tok, fam, own, seed, split, own_samples, own_temperature, own_max_tokens)
@@ -131,16 +128,17 @@ def load_pairs(sources: list[str], *, n: int, val_fraction: float, val_n: int, s
 
 def model_pairs(model, tok, family, n: int, seed: int, split: str, samples: int = 4, temperature: float = 1.0,
                 max_tokens: int = 32, batch: int = 64) -> list[Pair]:
-    """Up to n pairs whose rejected side is the model's own wrong answer: `samples` answers per problem of the
-    split at `temperature`; a problem with a wrong answer gives (demonstration, that answer). What a policy
+    """Up to n pairs whose rejected side is the model's own wrong answer: `samples` turns per problem of the
+    split at `temperature` (whole tool-using turns for a family with tools); a problem with a wrong turn gives
+    (a right turn of the model's own, or the demonstration when it has none; that wrong turn). What a policy
     actually gets wrong is the most useful thing to learn to avoid (on-policy negatives)."""
-    from lmforge.eval.task import stop_ids
-    from lmforge.infer.engine import Engine
+    from lmforge.infer.assistant import run_chat_turns
     from lmforge.infer.sampling import SamplingParams
 
     if n < 1:
         return []
-    stops = stop_ids(tok)
+    tools = family.tools or None
+    names = [t["function"]["name"] for t in tools] if tools else None
     pairs: list[Pair] = []
     problems = family.iter_problems(split, seed)
     was_training = model.training
@@ -150,23 +148,23 @@ def model_pairs(model, tok, family, n: int, seed: int, split: str, samples: int 
             chunk = [p for _, p in zip(range(batch), problems)]
             if not chunk:
                 break
-            engine = Engine(model, tok, max_batch=batch * samples)
+            base = seed * 7919 + len(pairs) * 131
+            params = [SamplingParams(temperature=temperature, max_tokens=max_tokens,
+                                     seed=(base + i * samples + j) % 2 ** 63)
+                      for i in range(len(chunk)) for j in range(samples)]
+            turns = run_chat_turns(model, tok, [p.messages for p in chunk for _ in range(samples)], names, params,
+                                   max_batch=len(params))
             for i, p in enumerate(chunk):
-                ids, _ = render_chat(tok, p.messages, add_generation_prompt=True)
-                params = SamplingParams(temperature=temperature, n=samples, max_tokens=max_tokens,
-                                        stop_token_ids=stops, seed=(seed * 7919 + len(pairs) * 131 + i) % 2 ** 63)
-                engine.add_request(i, ids, params, add_bos=False)
-            answers: dict = {}
-            while engine.has_unfinished():
-                for o in engine.step():
-                    answers.setdefault((o.request_id, o.index), []).append(o.text)
-            for i, p in enumerate(chunk):
-                wrong = next(("".join(answers[(i, j)]) for j in range(samples)
-                              if family.score(p, "".join(answers[(i, j)])) < 1.0 and "".join(answers[(i, j)]).strip()),
+                mine = turns[i * samples:(i + 1) * samples]
+                score = [family.score(p, t[-1].get("content") or "") for t in mine]
+                wrong = next((t for t, s in zip(mine, score) if s < 1.0 and (t[-1].get("content") or "").strip()),
                              None)
-                demo = family.demonstration(p)
-                if wrong is not None and wrong != demo[-1]["content"]:
-                    pairs.append(Pair(demo[:-1], [demo[-1]], [{"role": "assistant", "content": wrong}],
+                if wrong is None:
+                    continue
+                right = next((t for t, s in zip(mine, score) if s >= 1.0), None)
+                chosen = right or family.demonstration(p, tools=bool(tools))[len(p.messages):]
+                if chosen != wrong:
+                    pairs.append(Pair(list(p.messages), chosen, wrong, tools=tools,
                                       file=f"{family.name} (model samples)"))
                 if len(pairs) >= n:
                     break

@@ -306,11 +306,25 @@ def test_tool_episodes_train_the_assistant_tokens_only(base, monkeypatch):
     monkeypatch.setattr(assistant, "run_chat_turns", fake_turns)
     cfg = GRPOConfig(task="arithmetic:digits=1,ops=+,tools=true", group_size=4, prompts_per_step=2,
                      max_new_tokens=32, val_n=0)
-    task = GRPOTask(cfg, tok, family=family, device="cpu", seed=0, reward_fns=resolve_rewards(["verifier"], None,
-                                                                                              family=family))
+    import copy
+    from lmforge.infer.sampling import SamplingParams
+    # a reward model is given the whole turn (call, result, answer) rendered with the tools declared
+    from lmforge.infer.reward import RewardModel
+    from lmforge.stages.reward import add_score_head
+    rm_model = copy.deepcopy(model)
+    add_score_head(rm_model)
+    torch.nn.init.normal_(rm_model.score.weight, std=1.0)
+    fns = resolve_rewards(["verifier", str(base)], [1.0, 0.0], family=family, load_model=lambda path: (rm_model, tok))
+    task = GRPOTask(cfg, tok, family=family, device="cpu", seed=0, reward_fns=fns)
     model.eval()
     with torch.no_grad():
         ro = task._generate(model, 0)
+        prompts = [m for m, _, _ in task._prompts(0) for _ in range(4)]
+        calls.clear()
+        turns = fake_turns(None, tok, prompts, params=[SamplingParams(seed=i) for i in range(8)])
+        expected = RewardModel(rm_model, tok).rewards(prompts, turns, family.tools)
+    assert task.last_stats[f"rewards/{base}"] == pytest.approx(sum(expected) / 8, abs=1e-5)
+    assert len(set(expected)) > 1
     assert len(set(calls)) == 8                                   # each completion its own seed
     assert task.last_stats["accuracy"] == 0.5
     assert torch.equal(ro.adv.view(2, 4) > 0, torch.tensor([[False, True, False, True]] * 2))

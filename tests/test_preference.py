@@ -259,7 +259,7 @@ def test_best_of_n_rules_pick_from_the_same_samples(base):
     fam = family("arithmetic:digits=1,ops=+")
     probs = fam.problems("eval", 6, 0)
     res = evaluate_best_of(model, tok, fam, probs, 4, max_tokens=4, progress=False,
-                           scorers={"last": lambda prompts, texts: [i % 4 for i in range(len(texts))]})
+                           scorers={"last": lambda prompts, replies: [i % 4 for i in range(len(replies))]})
     rows = res["problems"]
     assert all(len(r["samples"]) == 4 and r["picks"]["last"] == 3 and r["picks"]["first sample"] == 0 for r in rows)
     for rule, acc in res["accuracy"].items():
@@ -267,6 +267,34 @@ def test_best_of_n_rules_pick_from_the_same_samples(base):
     assert res["accuracy"]["verifier"] == pytest.approx(sum(any(r["correct"]) for r in rows) / len(rows))
     again = evaluate_best_of(model, tok, fam, probs, 4, max_tokens=4, progress=False)
     assert [r["samples"] for r in again["problems"]] == [r["samples"] for r in rows]      # seeded
+
+
+def test_best_of_n_with_tools_ranks_whole_turns(base, monkeypatch):
+    """With tools every sample is a whole turn through the tool loop; a scorer (a reward model) sees the turn's
+    messages; the mean log-prob is the assistant's tokens teacher-forced."""
+    from lmforge.eval import best_of
+    from lmforge.model import ModelConfig, Transformer
+    tok = lmforge.load(base / "base", device="cpu")[1]
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, max_seq_len=512))
+    fam = family("arithmetic:digits=3,tools=true")
+    probs = fam.problems("eval", 3, 0)
+    seen = []
+
+    def scorer(prompts, replies):
+        seen.extend(replies)
+        return [float(len(r)) for r in replies]
+    res = best_of.evaluate_best_of(model, tok, fam, probs, 3, max_tokens=6, progress=False, scorers={"rm": scorer})
+    assert len(seen) == 9 and all(isinstance(r, list) and r[-1]["role"] == "assistant" for r in seen)
+    assert all(r["samples"] == [t[-1]["content"] for t in seen[3 * i:3 * i + 3]] for i, r in enumerate(res["problems"]))
+    # the teacher-forced mean log-prob of a turn is its tokens' mean under the model
+    replies, means = best_of._sample_turns(model, tok, fam, probs[:1], 2, 0.8, 6, 0, 64, False)
+    from lmforge.tokenizer.chat import render_chat
+    ids, wrote = render_chat(tok, probs[0].messages + replies[0][1], fam.tools)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0][0], -1)
+    picked = [float(lp[t, ids[t + 1]]) for t in range(len(ids) - 1) if wrote[t + 1]]
+    assert means[0][1] == pytest.approx(sum(picked) / len(picked), abs=1e-5)
 
 
 def test_self_consistency_votes_then_breaks_ties_by_logprob():

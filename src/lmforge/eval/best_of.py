@@ -5,11 +5,13 @@
     res["accuracy"]    # {"first sample": ..., "mean logprob": ..., "reward model": ..., "verifier": ...,
                        #  "self-consistency": ...}
 
-Every rule sees the same N samples (engine fan-out, seeded per problem), so the differences between rows are the
-rules alone:
+Every rule sees the same N samples (engine fan-out, seeded per problem; for a family with tools, N whole turns
+through the tool loop, batched), so the differences between rows are the rules alone:
 * first sample      best-of-1: the first of the N (what one sampled answer scores)
 * mean logprob      the sample with the highest mean token log-prob under the model's raw distribution
-* <scorer>          the sample a scorer ranks highest, e.g. a reward model: scorer(prompts, texts) -> scores
+* <scorer>          the sample a scorer ranks highest, e.g. a reward model: scorer(prompts, replies) -> scores,
+                    replies being each sample as assistant messages (with tools: the whole turn — calls, results,
+                    answer)
 * verifier          a sample the task's scorer marks right, when there is one (an oracle: pass@N)
 * self-consistency  the majority answer (last number of each sample; ties to the answer whose best sample has the
                     higher mean log-prob), Wang et al. 2022
@@ -20,6 +22,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+import torch
 from tqdm import tqdm
 
 from lmforge.errors import ConfigError
@@ -53,6 +56,48 @@ def _sample_answers(model, tok, problems, n, temperature, max_tokens, seed, batc
     return texts, means
 
 
+def _sample_turns(model, tok, family, problems, n, temperature, max_tokens, seed, batch_size, progress):
+    """replies[i][j] (the new messages of a whole tool-using turn), mean_logprobs[i][j] of n sampled turns of
+    problem i. The mean log-prob is over the tokens the assistant wrote, teacher-forced under the model's raw
+    distribution (the calls' grammar only restricted what could be sampled)."""
+    from lmforge.infer.assistant import run_chat_turns
+
+    names = [t["function"]["name"] for t in family.tools]
+    params = [SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=(seed * 1_000_003 + i * n + j)
+                             % 2 ** 63) for i in range(len(problems)) for j in range(n)]
+    convs = [p.messages for p in problems for _ in range(n)]
+    with tqdm(total=len(convs), disable=not progress, unit="answer", desc="best-of-N", leave=False) as bar:
+        news = run_chat_turns(model, tok, convs, names, params, max_batch=max(batch_size, n),
+                              on_event=lambda i, kind, v: bar.update(1) if kind == "finish" else None)
+    rows = [render_chat(tok, list(c) + new, family.tools) for c, new in zip(convs, news)]
+    means = []
+    was_training = model.training
+    model.eval()
+    dev = model.tok_emb.weight.device
+    with torch.no_grad():
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s:s + batch_size]
+            T = max(len(ids) for ids, _ in chunk) - 1
+            x = torch.zeros(len(chunk), T, dtype=torch.long)
+            y = torch.zeros(len(chunk), T, dtype=torch.long)
+            m = torch.zeros(len(chunk), T)
+            for r, (ids, wrote) in enumerate(chunk):
+                k = len(ids) - 1
+                x[r, :k], y[r, :k] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
+                m[r, :k] = torch.tensor(wrote[1:], dtype=torch.float32)
+            logits, _ = model(x.to(dev))
+            lp = torch.log_softmax(logits.float(), -1).gather(-1, y.to(dev).unsqueeze(-1)).squeeze(-1).cpu()
+            means += ((lp * m).sum(1) / m.sum(1).clamp(min=1)).tolist()
+    model.train(was_training)
+    k = 0
+    replies, mean_rows = [], []
+    for _ in problems:
+        replies.append(news[k:k + n])
+        mean_rows.append(means[k:k + n])
+        k += n
+    return replies, mean_rows
+
+
 def _argmax(values) -> int:
     best = 0
     for j, v in enumerate(values):
@@ -71,12 +116,18 @@ def evaluate_best_of(model, tok, family, problems, n: int, *, scorers: dict | No
         raise ConfigError(f"must be an integer >= 1, got {n!r}", field="best_of")
     if not temperature > 0:
         raise ConfigError("best-of-N samples: temperature must be > 0", field="temperature")
-    texts, means = _sample_answers(model, tok, problems, n, temperature, max_tokens, seed, batch_size,
-                                   stop_ids(tok), progress)
+    if family.tools:
+        replies, means = _sample_turns(model, tok, family, problems, n, temperature, max_tokens, seed, batch_size,
+                                       progress)
+        texts = [[r[-1].get("content") or "" for r in row] for row in replies]
+    else:
+        texts, means = _sample_answers(model, tok, problems, n, temperature, max_tokens, seed, batch_size,
+                                       stop_ids(tok), progress)
+        replies = [[[{"role": "assistant", "content": t}] for t in row] for row in texts]
     right = [[float(family.score(p, t)) >= 1.0 for t in row] for p, row in zip(problems, texts)]
     picks = {"first sample": [0] * len(problems), "mean logprob": [_argmax(m) for m in means]}
     for name, scorer in (scorers or {}).items():
-        flat = scorer([p.messages for p in problems for _ in range(n)], [t for row in texts for t in row])
+        flat = scorer([p.messages for p in problems for _ in range(n)], [r for row in replies for r in row])
         picks[name] = [_argmax(flat[i * n:(i + 1) * n]) for i in range(len(problems))]
     picks["verifier"] = [next((j for j, ok in enumerate(r) if ok), 0) for r in right]
     picks["self-consistency"] = [_vote(row, m) for row, m in zip(texts, means)]

@@ -107,8 +107,7 @@ def cmd_task(args) -> int:
         if args.reward_model:
             from lmforge.infer.reward import RewardModel
             rm = RewardModel(*lmforge.load(args.reward_model, device))
-            scorers["reward model"] = lambda prompts, texts: rm.rewards(
-                prompts, [[{"role": "assistant", "content": t}] for t in texts])
+            scorers["reward model"] = lambda prompts, replies: rm.rewards(prompts, replies, fam.tools)
         res["best_of"] = evaluate_best_of(model, tok, fam, fam.problems("eval", args.n, args.seed), args.best_of,
                                           scorers=scorers, temperature=args.temperature, max_tokens=args.max_tokens,
                                           seed=args.seed, batch_size=args.batch_size)

@@ -222,8 +222,9 @@ class GRPOTask(Task):
                                   max_tokens=min(cfg.max_new_tokens, room), stop_token_ids=self.stops,
                                   seed=(self.seed * 1_000_003 + step * 10_007 + i * G) % 2 ** 63)
         if tools:
-            seqs, texts = self._episodes(model, items, params)
+            seqs, texts, turns = self._episodes(model, items, params)
         else:
+            turns = None
             engine = Engine(model, self.tok, max_batch=cfg.prompts_per_step * G)
             outs: dict = {}
             for i, p in enumerate(ids):
@@ -239,7 +240,7 @@ class GRPOTask(Task):
         problems = [p for _, p, _ in items for _ in range(G)]
         keys = sorted({k for _, _, e in items for k in e})
         columns = {k: [e.get(k) for _, _, e in items for _ in range(G)] for k in keys}
-        rewards, means = compute_rewards(self.reward_fns, prompts, texts, problems, columns)
+        rewards, means = compute_rewards(self.reward_fns, prompts, texts, problems, columns, turns)
         # rows: the whole sequence right-padded; targets whose token the policy wrote are trained
         T = max(len(full) for full, _ in seqs) - 1
         N = len(seqs)
@@ -268,7 +269,7 @@ class GRPOTask(Task):
         decoded under the tools' grammar, results, the reply after them), all of a step's turns sharing the
         engine's batch. Rows are the conversation as rendered (the tokens SFT trains on); the policy's part is the
         assistant's tokens — tool results are in the context but not trained. Returns ([(ids, wrote)], final
-        answer texts)."""
+        answer texts, the turns' messages)."""
         from lmforge.infer.assistant import run_chat_turns
         tools, G = self.family.tools, self.cfg.group_size
         names = [t["function"]["name"] for t in tools]
@@ -283,7 +284,7 @@ class GRPOTask(Task):
             wrote = [0] * n_before + list(wrote[n_before:len(full)])
             seqs.append((full, wrote))
             texts.append(new[-1].get("content") or "")
-        return seqs, texts
+        return seqs, texts, news
 
     def _text(self, ids: list[int]) -> str:
         ids = [i for i in ids if i not in self.stops]

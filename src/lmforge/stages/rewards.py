@@ -2,7 +2,8 @@
 
     verifier          the task family's scorer (1.0 right, 0.0 wrong, partial credit where the family has it);
                       needs problems from a task (--task NAME)
-    RM_DIR            a reward model checkpoint (lmforge reward train): its score of prompt + reply
+    RM_DIR            a reward model checkpoint (lmforge reward train): its score of prompt + reply (with tools,
+                      the whole turn: calls, results and answer, rendered with the tools declared)
     module:function   your own, called as TRL calls reward functions:
                           function(prompts=[messages...], completions=[text...], **columns) -> list of floats
                       `columns` are the prompt rows' other keys (e.g. answer=[...]), one list entry per completion
@@ -32,7 +33,7 @@ class RewardError(LmforgeError):
 class RewardFn:
     name: str
     weight: float
-    fn: Callable          # fn(prompts, completions, problems, columns) -> list[float]
+    fn: Callable          # fn(prompts, completions, problems, columns, turns) -> list[float]
 
 
 def resolve_rewards(specs: list[str], weights: list[float] | None, *, family=None,
@@ -54,15 +55,16 @@ def _resolve(spec: str, family, load_model) -> Callable:
     if spec == "verifier":
         if family is None:
             raise ConfigError("the verifier is the task family's scorer: give --task NAME", field="reward")
-        return lambda prompts, completions, problems, columns: [
+        return lambda prompts, completions, problems, columns, turns: [
             float(family.score(p, c)) for p, c in zip(problems, completions)]
     if os.path.isdir(spec):
         from lmforge.stages.reward import RewardModel
         if load_model is None:
             raise ConfigError(f"reward {spec!r}: a reward model directory needs a loader", field="reward")
         rm = RewardModel(*load_model(spec))
-        return lambda prompts, completions, problems, columns: rm.rewards(
-            prompts, [[{"role": "assistant", "content": c}] for c in completions])
+        tools = family.tools if family is not None else None
+        return lambda prompts, completions, problems, columns, turns: rm.rewards(
+            prompts, turns or [[{"role": "assistant", "content": c}] for c in completions], tools)
     module, colon, name = spec.partition(":")
     if not colon or not module or not name:
         raise ConfigError(f"reward {spec!r} is not 'verifier', a reward model directory, or module:function",
@@ -73,17 +75,21 @@ def _resolve(spec: str, family, load_model) -> Callable:
         raise ConfigError(f"reward {spec!r}: cannot import: {e}", field="reward") from None
     if not callable(fn):
         raise ConfigError(f"reward {spec!r} is not callable", field="reward")
-    return lambda prompts, completions, problems, columns: fn(prompts=prompts, completions=completions, **columns)
+    return lambda prompts, completions, problems, columns, turns: fn(prompts=prompts, completions=completions,
+                                                                    **columns)
 
 
-def compute_rewards(funcs: list[RewardFn], prompts, completions, problems, columns) -> tuple[torch.Tensor, dict]:
-    """(weighted sum per completion (N,), {name: mean}) of every function on the N completions."""
+def compute_rewards(funcs: list[RewardFn], prompts, completions, problems, columns,
+                    turns: list[list[dict]] | None = None) -> tuple[torch.Tensor, dict]:
+    """(weighted sum per completion (N,), {name: mean}) of every function on the N completions. turns: each
+    completion's whole turn as messages when it went through the tool loop (completions are then its final
+    answers)."""
     n = len(completions)
     total = torch.zeros(n, dtype=torch.float64)
     means = {}
     for f in funcs:
         try:
-            values = f.fn(prompts, completions, problems, columns)
+            values = f.fn(prompts, completions, problems, columns, turns)
         except LmforgeError:
             raise
         except Exception as e:   # the user's code: any failure is reported as theirs, by name

@@ -130,6 +130,24 @@ def test_gae_on_hand_computed_trajectories():
     assert adv[0].tolist() == pytest.approx([0.11425, 0.165, 0.3])
 
 
+def test_gae_skips_the_tools_tokens_inside_a_turn():
+    """A tool's result between two actions is not a step: the trajectory with it equals the one without it, and the
+    final score reaches the call's tokens."""
+    rewards, values = t(0, 0, 7, 7, 0, 1), t(0.5, 0.6, 9, 9, 0.7, 0.2)
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1]])
+    adv, ret = gae(rewards[None], values[None], mask, gamma=1.0, lam=0.95)
+    keep = [0, 1, 4, 5]
+    plain, plain_ret = gae(rewards[keep][None], values[keep][None], torch.ones(1, 4), gamma=1.0, lam=0.95)
+    assert adv[0, keep].tolist() == pytest.approx(plain[0].tolist())
+    assert ret[0, keep].tolist() == pytest.approx(plain_ret[0].tolist())
+    assert adv[0, 2:4].tolist() == [0, 0] and ret[0, 2:4].tolist() == [0, 0]
+    # by hand: deltas (last first) 0.8, -0.5, 0.1, 0.1
+    a3 = 0.8
+    a2 = -0.5 + 0.95 * a3
+    a1 = 0.1 + 0.95 * a2
+    assert plain[0].tolist() == pytest.approx([0.1 + 0.95 * a1, a1, a2, a3])
+
+
 def test_whiten_over_the_mask():
     x = t(1, 2, 3, 100)
     m = torch.tensor([1, 1, 1, 0])

@@ -84,19 +84,22 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns) of token-level rewards and value estimates, (B, T) each, over the positions where
-    mask is 1 (a completion's tokens, left-aligned; positions after its end are 0 and get 0). The value after
-    the last token is 0 (the episode ends there). returns = advantages + values."""
+    mask is 1 (the policy's tokens; positions after its end are 0 and get 0). The value after the last token is 0
+    (the episode ends there). Positions with mask 0 between policy tokens (a tool's result inside a tool-using
+    turn: the environment's tokens, not actions) are skipped: the action before them is followed by the action
+    after them, as if they were not there. returns = advantages + values."""
     B, T = rewards.shape
     mask = mask.to(rewards.dtype)
     adv = torch.zeros_like(rewards)
     last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
     next_value = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
     for t in reversed(range(T)):
-        m = mask[:, t]
+        act = mask[:, t] > 0
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = (delta + gamma * lam * last) * m
-        adv[:, t] = last
-        next_value = values[:, t] * m
+        step = delta + gamma * lam * last
+        adv[:, t] = torch.where(act, step, torch.zeros_like(step))
+        last = torch.where(act, step, last)
+        next_value = torch.where(act, values[:, t], next_value)
     return adv, (adv + values) * mask
 
 

@@ -82,6 +82,29 @@ def test_a_batch_mixes_cached_and_fresh_prompts(model, tok):
     assert cached.prefix_cache.hit_tokens == 2 * 2 * BLOCK       # two prompts start with base's 2 full blocks
 
 
+def test_cached_prompts_are_prefilled_together(model, tok, monkeypatch):
+    """Prompts with cached starts and tails of different lengths (one tail longer than a whole other prompt) run in
+    ONE forward, right-aligned, and give what a full prefill gives: tokens, and log-probs within 1e-4."""
+    base = conversation(48, 9)
+    other = conversation(33, 10)
+    prompts = [base + conversation(5, 11), base + conversation(29, 12), other + conversation(2, 13),
+               base[:20] + conversation(40, 14), base + conversation(1, 15)]
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=3, ignore_eos=True)
+    plain = Engine(model, tok, prefix_cache_mb=0).generate(prompts, params, add_bos=False)
+    cached = Engine(model, tok, max_batch=8)
+    run(cached, [base, other], GREEDY)
+    calls = []
+    forward = cached._forward_cached
+    monkeypatch.setattr(cached, "_forward_cached", lambda hits, room: calls.append(len(hits)) or forward(hits, room))
+    got = cached.generate(prompts, params, add_bos=False)
+    assert calls == [5]                                          # every prompt had a cached start: one forward
+    assert cached.prefix_cache.hit_tokens == 3 * 3 * BLOCK + 2 * BLOCK + 1 * BLOCK
+    for g, w in zip(got, plain):
+        assert g[0].token_ids == w[0].token_ids
+        for a, b in zip(g[0].logprobs, w[0].logprobs):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+
+
 def test_least_recently_used_blocks_leave_first():
     c = PrefixCache(bytes_per_token=1, budget_bytes=4 * BLOCK)   # room for 4 blocks
     kv = lambda n: torch.arange(n, dtype=torch.float32).view(1, 1, n, 1)  # noqa: E731

@@ -278,21 +278,15 @@ class Engine:
             self._check_weights()
         # an idle engine's cache becomes the running one: size it for the longest budget at once (no regrowth)
         room = 0 if self._live else max(r.req.budget for w in admitted for r in w.rows) - 1
-        # prompts whose start is cached are prefilled one by one from there; the others together
+        # prompts whose start is cached are prefilled together from there; the others together
         fresh, cached = [], []
         for w in admitted:
             hit = self.prefix_cache.lookup(w.prompt_ids) if self.prefix_cache is not None else (0, None, None)
             (cached.append((w, hit)) if hit[0] else fresh.append(w))
         if fresh:
             self._join(fresh, *self._forward_prompts(fresh, room), outs)
-        for w, (n, k, v) in cached:
-            cache = model.new_kv_cache(1, max_len=len(w.prompt_ids) + room)
-            cache.k[:, 0, :, :n], cache.v[:, 0, :, :n] = k, v
-            cache.pos = n
-            ids = torch.tensor([w.prompt_ids[n:]], device=dev)
-            logits, _ = model(ids, kv_cache=cache, logits_to_keep=1)
-            self._remember([w.prompt_ids], cache)
-            self._join([w], cache, logits, outs)
+        if cached:
+            self._join([w for w, _ in cached], *self._forward_cached(cached, room), outs)
 
     def _forward_prompts(self, admitted: list[_Waiting], room: int):
         """One forward over the prompts, left-padded to the longest, into a fresh cache: (cache, last logits)."""
@@ -311,6 +305,34 @@ class Engine:
         logits, _ = model(ids, kv_cache=cache, logits_to_keep=1, **({"attn_mask": mask} if padded else {}))
         if padded:
             cache.lengths = torch.tensor(lens, device=dev)
+        self._remember(prompts, cache)
+        return cache, logits
+
+    def _forward_cached(self, hits: list[tuple[_Waiting, tuple]], room: int):
+        """One forward over prompts whose first tokens' keys/values are in the prefix cache: (cache, last logits).
+
+        Rows stay right-aligned (what the running cache expects): every row runs the same T = the longest uncached
+        tail, so a row with a shorter tail also recomputes the last cached tokens before it (c = L - T of its L
+        tokens come from the prefix cache); rows shorter than T run whole, left-padded."""
+        model, dev = self.model, self.device
+        prompts = [w.prompt_ids for w, _ in hits]
+        lens = [len(p) for p in prompts]
+        T = max(n - hit[0] for n, (_, hit) in zip(lens, hits))
+        used = [max(0, n - T) for n in lens]
+        C = max(used)
+        cache = model.new_kv_cache(len(prompts), max_len=C + T + room)
+        ids = torch.zeros(len(prompts), T, dtype=torch.long)
+        mask = torch.zeros(len(prompts), C + T, dtype=torch.bool)
+        for i, (p, c, (_, (_, k, v))) in enumerate(zip(prompts, used, hits)):
+            if c:
+                cache.k[:, i, :, C - c:C], cache.v[:, i, :, C - c:C] = k[:, :, :c], v[:, :, :c]
+                mask[i, C - c:C] = True
+            tail = p[c:]
+            ids[i, T - len(tail):] = torch.tensor(tail)
+            mask[i, C + T - len(tail):] = True
+        cache.pos = C
+        logits, _ = model(ids.to(dev), kv_cache=cache, logits_to_keep=1, attn_mask=mask.to(dev))
+        cache.lengths = torch.tensor(lens, device=dev)
         self._remember(prompts, cache)
         return cache, logits
 

@@ -12,6 +12,7 @@ Generation goes through the inference engine (lmforge.infer.engine.generate, str
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -20,8 +21,8 @@ from lmforge.infer.engine import generate
 from lmforge.infer.sampling import SamplingParams
 from lmforge.tokenizer.chat import CHAT_MARKERS, end_of_turn_id, render_chat, uses_lmforge_template
 
-INSTRUCTION = ("Answer the question using the numbered passages below. Cite the passages you use by their "
-               "numbers, like [1].")
+INSTRUCTION = ("Answer the question using the numbered passages below. Cite each passage you use by its number "
+               "in square brackets.")
 DEFAULT_ANSWER_TOKENS = 256
 _CITATION = re.compile(r"\[(\d+)\]")
 
@@ -56,6 +57,7 @@ class Answer:
     sources: list[Source]
     dropped: list
     prompt_tokens: int
+    completion_tokens: int
     finish_reason: str
     cited: list[int]            # the [n] the text uses that name a source
     unknown: list[int]          # the [n] the text uses that name no source
@@ -66,7 +68,8 @@ def uses_chat(tokenizer) -> bool:
 
 
 def passage(n: int, hit) -> str:
-    return f"[{n}] ({hit.source}, {hit.location})\n{hit.text.strip()}"
+    """One numbered passage; a file is named by its base name (the sources list gives the whole path)."""
+    return f"[{n}] ({os.path.basename(hit.source) or hit.source}, {hit.location})\n{hit.text.strip()}"
 
 
 def render(tokenizer, question: str, hits: list, chat: bool) -> list[int]:
@@ -117,7 +120,7 @@ def answer_question(model, tokenizer, prompt: Prompt, params: SamplingParams | N
     res = stream.result
     numbers = [int(n) for n in dict.fromkeys(_CITATION.findall(res.text))]
     known = {s.n for s in prompt.sources}
-    return Answer(res.text, prompt.sources, prompt.dropped, len(prompt.ids), res.finish_reason,
+    return Answer(res.text, prompt.sources, prompt.dropped, len(prompt.ids), len(res.token_ids), res.finish_reason,
                   [n for n in numbers if n in known], [n for n in numbers if n not in known])
 
 

@@ -41,7 +41,7 @@ class Hit:
     text: str
 
     def to_json(self) -> dict:
-        return {"rank": self.rank, "score": round(float(self.score), 6), "source": self.source,
+        return {"rank": self.rank, "score": float(self.score), "source": self.source,
                 "location": self.location, "text": self.text, "id": self.id}
 
 

@@ -200,6 +200,7 @@ CASES = {
         ("max-batch-0", lambda f: ["--checkpoint", f / "ck", "--max-batch", "0"]),
         ("empty-model-name", lambda f: ["--checkpoint", f / "ck", "--served-model-name", " "]),
         ("unknown-host", lambda f: ["--checkpoint", f / "ck", "--host", "no-such-host.invalid", "--port", "0"]),
+        ("rag-db-is-not-sqlite", lambda f: ["--checkpoint", f / "ck", "--port", "0", "--rag-db", f / "notes.txt"]),
     ],
     ("rag", "index"): [
         ("db-is-not-sqlite", lambda f: ["--input", f / "corpus.txt", "--db", f / "notes.txt"]),

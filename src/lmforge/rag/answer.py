@@ -72,14 +72,39 @@ def passage(n: int, hit) -> str:
     return f"[{n}] ({os.path.basename(hit.source) or hit.source}, {hit.location})\n{hit.text.strip()}"
 
 
-def render(tokenizer, question: str, hits: list, chat: bool) -> list[int]:
-    body = "\n\n".join([INSTRUCTION] + [passage(n, h) for n, h in enumerate(hits, 1)]
+def content(question: str, hits: list) -> str:
+    """The text of the user's turn: the instruction, the numbered passages, the question."""
+    return "\n\n".join([INSTRUCTION] + [passage(n, h) for n, h in enumerate(hits, 1)]
                        + [f"Question: {question.strip()}"])
+
+
+def render(tokenizer, question: str, hits: list, chat: bool) -> list[int]:
     if chat:
-        ids, _ = render_chat(tokenizer, [{"role": "user", "content": body}], add_generation_prompt=True)
+        ids, _ = render_chat(tokenizer, [{"role": "user", "content": content(question, hits)}],
+                             add_generation_prompt=True)
         return ids
     bos = getattr(tokenizer, "bos_id", None)
-    return ([bos] if bos is not None else []) + tokenizer.encode(body + "\nAnswer:")
+    return ([bos] if bos is not None else []) + tokenizer.encode(content(question, hits) + "\nAnswer:")
+
+
+def fit(render_ids, hits: list, budget: int) -> tuple[list, list, list[int]] | None:
+    """(kept, dropped, ids): the hits, best first, that fit in `budget` tokens as rendered by `render_ids(kept)`;
+    None when even no passage at all does not fit."""
+    ids = render_ids([])
+    if len(ids) > budget:
+        return None
+    kept, dropped = [], []
+    for h in hits:
+        trial = render_ids(kept + [h])
+        if len(trial) <= budget:
+            kept, ids = kept + [h], trial
+        else:
+            dropped.append(h)
+    return kept, dropped, ids
+
+
+def sources_of(hits: list) -> list[Source]:
+    return [Source(n, h.id, h.source, h.location, h.text, float(h.score)) for n, h in enumerate(hits, 1)]
 
 
 def build_prompt(tokenizer, context: int, question: str, hits: list,
@@ -88,23 +113,17 @@ def build_prompt(tokenizer, context: int, question: str, hits: list,
     answer_tokens = max(1, min(answer_tokens, context // 2))
     budget = context - answer_tokens
     chat = uses_chat(tokenizer)
-    bare = render(tokenizer, question, [], chat)
-    if len(bare) > budget:
-        raise ConfigError(f"the question takes {len(bare)} tokens of prompt; with {answer_tokens} kept for the "
+    fitted = fit(lambda hs: render(tokenizer, question, hs, chat), hits, budget)
+    if fitted is None:
+        bare = len(render(tokenizer, question, [], chat))
+        raise ConfigError(f"the question takes {bare} tokens of prompt; with {answer_tokens} kept for the "
                           f"answer the model's context of {context} leaves {budget}", field="question")
-    kept, dropped, ids = [], [], bare
-    for h in hits:
-        trial = render(tokenizer, question, kept + [h], chat)
-        if len(trial) <= budget:
-            kept, ids = kept + [h], trial
-        else:
-            dropped.append(h)
-    sources = [Source(n, h.id, h.source, h.location, h.text, float(h.score)) for n, h in enumerate(kept, 1)]
+    kept, dropped, ids = fitted
     stops: list[int] = []
     if chat:
         sp = tokenizer.special_tokens
         stops = sorted({end_of_turn_id(tokenizer)} | {sp[m] for m in CHAT_MARKERS if m in sp})
-    return Prompt(ids, sources, dropped, answer_tokens, chat, stops)
+    return Prompt(ids, sources_of(kept), dropped, answer_tokens, chat, stops)
 
 
 def answer_question(model, tokenizer, prompt: Prompt, params: SamplingParams | None = None, on_text=None,
@@ -125,4 +144,5 @@ def answer_question(model, tokenizer, prompt: Prompt, params: SamplingParams | N
 
 
 __all__ = ["Source", "Prompt", "Answer", "build_prompt", "answer_question", "render", "passage", "uses_chat",
+           "content", "fit", "sources_of",
            "INSTRUCTION", "DEFAULT_ANSWER_TOKENS"]

@@ -213,5 +213,38 @@ def plot(results: dict, path, ks=KS) -> str:
     return str(path)
 
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the quickstart's step
+
+def kjv_report(index, model=None, tokenizer=None, question: str = "Who built the ark, and of what wood?",
+               n: int = 100, seed: int = 0, books: list[str] | None = None, k: int = 3, params=None,
+               progress_bar: bool = True) -> str:
+    """Index the KJV (kjv-cloze's index: all verses but the n held out), measure retrieval on it and, given a
+    model, answer `question` from it with citations. Returns a markdown section for a report."""
+    import time
+    t0 = time.perf_counter()
+    lset = kjv_cloze(index, n, seed, books, progress_bar)
+    built = time.perf_counter() - t0
+    results = {lset.name: evaluate(index, lset)}
+    scope = "the KJV" if books is None else f"the KJV ({', '.join(books)})"
+    lines = ["## Retrieval (lmforge rag)", "",
+             f"Index: {scope}, {index.store.count():,} chunks of at most {index.chunk_tokens} tokens, embedder "
+             f"{index.embedder.name}; built in {built:.1f} s. Benchmark: {lset.note} (inverse cloze).", "",
+             markdown_table(results), ""]
+    if model is not None:
+        from lmforge.rag.answer import answer_question, build_prompt
+        hits = retrieve.search(index.store, index.embedder, question, k)
+        prompt = build_prompt(tokenizer, model.config.max_seq_len, question, hits, 64)
+        a = answer_question(model, tokenizer, prompt, params)
+        lines += [f"**Q:** {question}", "", f"**A:** {a.text.strip()}", ""]
+        lines += [f"- [{s.n}] {s.source}, {s.location}: {s.text[:120].strip()}…" for s in a.sources]
+        if a.dropped:
+            lines += ["", f"({len(a.dropped)} retrieved chunk(s) did not fit the context and were left out.)"]
+        lines.append("")
+    return "\n".join(lines)
+
+
 __all__ = ["LabelledSet", "SETS", "kjv_cloze", "python_docs_titles", "build_sets", "evaluate", "text_table",
-           "markdown_table", "plot", "held_out_verses"]
+           "markdown_table", "plot", "held_out_verses", "kjv_report"]

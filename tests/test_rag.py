@@ -168,6 +168,16 @@ def test_reindexing_a_changed_file_replaces_only_its_chunks(built, tmp_path, cap
     with Index(db) as ix:
         assert "Guido" not in " ".join(h.text for h in ix.search("Python programming language", k=10))
         assert ix.search("rings of ice", k=1, mode="bm25")[0].text == saturn
+    # a file gone from the directory leaves the index
+    shutil.move(built / "docs" / "records.jsonl", tmp_path / "records.jsonl")
+    try:
+        assert main(["rag", "index", "--input", str(built / "docs"), "--db", str(db)]) == 0
+        assert "removed" in capsys.readouterr().out
+    finally:
+        shutil.move(tmp_path / "records.jsonl", built / "docs" / "records.jsonl")
+    with Index(db) as ix:
+        assert not any(s.endswith("records.jsonl") for s, _ in ix.stats()["sources"])
+        assert "Penguins" not in " ".join(h.text for h in ix.search("penguins", k=10))
 
 
 def test_a_new_process_gets_the_same_results(built):

@@ -101,6 +101,8 @@ def cmd_index(args) -> int:
             print(f"indexed {name}: {n:,} chunks")
         for name in r.skipped:
             print(f"unchanged {name}: skipped")
+        for name in r.dropped:
+            print(f"removed {name}: no longer in its directory")
         rate = f", {r.chunks_per_s:,.1f} chunks/s embedding" if r.chunks else ""
         print(f"{ix.path}: {ix.stats()['chunks']:,} chunks from {len(ix.stats()['sources'])} source(s), embedder "
               f"{ix.embedder.name} ({ix.embedder.dim} dims), {ix.chunk_tokens} tokens per chunk, overlap "

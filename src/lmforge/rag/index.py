@@ -13,7 +13,8 @@ An index built with a checkpoint as its embedder is reopened with that embedder 
 `Index(path, embedder=CheckpointEmbedder(*lmforge.load(ckpt), name=...))` (the library never loads models itself).
 
 Adding a source: its content hash (the file's bytes, or the built-in's data) is compared with the one recorded; an
-unchanged source is skipped, a changed one has all its chunks replaced, in one transaction per source. Every
+unchanged source is skipped, a changed one has all its chunks replaced, in one transaction per source. A file indexed
+from a directory that is given again but no longer holds it leaves the index. Every
 source is read and chunked before anything is embedded or written, so a bad file fails before any work is done and
 an empty corpus leaves no file behind.
 """
@@ -36,7 +37,8 @@ from lmforge.rag.store import Store
 class AddReport:
     indexed: list[tuple[str, int]] = field(default_factory=list)   # (source, chunks) written
     skipped: list[str] = field(default_factory=list)               # unchanged sources
-    removed: int = 0                                               # old chunks replaced
+    dropped: list[str] = field(default_factory=list)               # sources gone from their directory
+    removed: int = 0                                               # old chunks replaced or dropped
     chunks: int = 0                                                # chunks embedded and written
     seconds: float = 0.0
     embed_seconds: float = 0.0
@@ -110,19 +112,28 @@ class Index:
             h = source_hash(label, is_file, text_field)
             work.append((name, h, lambda label=label, is_file=is_file: list(
                 source_documents(label, is_file, text_field, skip_bad_lines))))
-        return self.add_documents(work, progress_bar=progress_bar)
+        # files indexed from a directory given again, that are no longer in it, leave the index
+        dirs = tuple(os.path.normpath(s) + os.sep for s in corpus.sources if os.path.isdir(s))
+        present = {name for name, _, _ in work}
+        gone = [n for n, _ in self.store.sources() if n.startswith(dirs) and n not in present] \
+            if dirs and self.store is not None else []
+        return self.add_documents(work, progress_bar=progress_bar, remove=gone)
 
-    def add_documents(self, work: list, progress_bar: bool = False) -> AddReport:
+    def add_documents(self, work: list, progress_bar: bool = False, remove: list[str] = ()) -> AddReport:
         """The general form of `add`: `work` is [(source name, content hash, () -> list[Document])], the
-        documents read only when the hash differs from the recorded one."""
+        documents read only when the hash differs from the recorded one; `remove`: sources to drop."""
         t0 = time.perf_counter()
         report, todo = AddReport(), []
+        for name in remove:
+            with self.store.transaction():
+                report.removed += self.store.remove_source(name)
+            report.dropped.append(name)
         for name, h, read in work:
             if self.store is not None and self.store.source_hash(name) == h:
                 report.skipped.append(name)
                 continue
             todo.append((name, h, pack(read(), self.embedder.count_tokens, self.chunk_tokens, self.overlap)))
-        if not any(chunks for _, _, chunks in todo) and not report.skipped:
+        if not any(chunks for _, _, chunks in todo) and not report.skipped and not report.dropped:
             raise DataError(f"no text to index in {', '.join(n for n, _, _ in todo) or 'the input'}")
         if todo and self.store is None:
             self.store = Store.open(self.path, create=True)

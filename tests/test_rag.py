@@ -403,3 +403,15 @@ def test_kjv_cloze_holds_the_verses_out_and_labels_their_chunks(tmp_path, capsys
                 a, _, b = r["location"].rpartition(":")[2].partition("-")
                 assert r["document"] == f"Ruth {v['chapter']}"
                 assert any(int(a) <= x <= int(b or a) for x in near)
+
+
+def test_the_quickstart_section(tmp_path, ckpt):
+    from lmforge.rag.evaluate import kjv_report
+    model, tok = load(ckpt, device="cpu")
+    with Index(tmp_path / "kjv.sqlite") as ix:
+        md = kjv_report(ix, model, tok, question="Whither thou goest?", n=8, books=["Ruth"],
+                        params=SamplingParams(temperature=0, max_tokens=6), progress_bar=False)
+        n_chunks = ix.stats()["chunks"]
+    assert md.startswith("## Retrieval (lmforge rag)") and f"{n_chunks:,} chunks" in md
+    assert "| kjv-cloze | hybrid |" in md and "| kjv-cloze | bm25 |" in md and "8 KJV verses held out" in md
+    assert "**Q:** Whither thou goest?" in md and "- [1] kjv (cloze" in md and "Ruth " in md

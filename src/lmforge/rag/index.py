@@ -63,6 +63,14 @@ class Index:
         self.path = str(path)
         exists = Path(self.path).exists()
         self.store = Store.open(self.path) if exists or not create else None
+        try:
+            self._settle(embedder, chunk_tokens, overlap)
+        except BaseException:
+            self.close()
+            raise
+
+    def _settle(self, embedder, chunk_tokens: int | None, overlap: int | None) -> None:
+        """The embedder and chunk settings: the index's own, refusing others (one-line errors)."""
         recorded = self.store.embedder if self.store else None
         if embedder is None and recorded is not None and recorded != MINILM:
             raise ConfigError(f"this index was built with the embedder {recorded!r}: pass it "
@@ -153,6 +161,8 @@ class Index:
                     self.store.add_source(name, h, chunks, vectors)
                 report.indexed.append((name, len(chunks)))
                 report.chunks += len(chunks)
+        if todo or report.dropped:
+            self.store.optimize()
         report.seconds = time.perf_counter() - t0
         return report
 

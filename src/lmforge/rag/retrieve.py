@@ -3,8 +3,9 @@
     hits = search(store, embedder, "who built the ark", k=5, mode="hybrid")   # list[Hit], best first
 
 bm25     SQLite FTS5's BM25 over Porter-stemmed words; the question's words are OR-ed, each quoted, so no
-         character of a question is FTS5 syntax.
-dense    the question's embedding against every chunk vector (sqlite-vec's exact scan), score = cosine.
+         character of a question is FTS5 syntax (words in more than half the chunks are left out: BM25 gives them
+         no weight, and their posting lists are the longest to read).
+dense    the question's embedding against every chunk vector (an exact scan), score = cosine.
 hybrid   reciprocal rank fusion of the two rankings (Cormack et al. 2009): score = sum of 1 / (60 + rank) over
          the lists a chunk is in, each list cut at CANDIDATES. Rank-based, so BM25's unbounded scores and cosines
          need no calibration against each other.
@@ -14,6 +15,7 @@ mmr      optional re-ranking for diversity (Carbonell & Goldstein 1998): from th
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,14 +57,17 @@ def check_query(query: str) -> str:
     return query
 
 
-def fts_query(query: str) -> str | None:
-    """An FTS5 MATCH expression: the question's distinct words, quoted, OR-ed (None when it has no word)."""
+def fts_query(query: str, common: set[str] = frozenset(), stems=None) -> str | None:
+    """An FTS5 MATCH expression: the question's distinct words, quoted, OR-ed (None when it has no word). Words
+    whose stems are all in `common` (Store.common_stems) are left out, unless every word is."""
     words = list(dict.fromkeys(w.lower() for w in _WORD.findall(query)))[:MAX_QUERY_TERMS]
+    if common and stems is not None:
+        words = [w for w in words if not set(stems(w)) <= common] or words
     return " OR ".join(f'"{w}"' for w in words) or None
 
 
 def bm25(store, query: str, limit: int) -> list[tuple[int, float]]:
-    match = fts_query(query)
+    match = fts_query(query, store.common_stems(), store.stems)
     return store.bm25(match, limit) if match else []
 
 
@@ -105,14 +110,22 @@ def search(store, embedder, query: str, k: int = 5, mode: str = "hybrid", mmr_la
     if mmr_lambda is not None and not 0 <= mmr_lambda <= 1:
         raise ConfigError(f"must be in [0, 1], got {mmr_lambda}", field="mmr")
     depth = max(k, CANDIDATES) if (mode == "hybrid" or mmr_lambda is not None) else k
-    if mode != "bm25" or mmr_lambda is not None:
-        qvec = embedder.embed([query])[0] if qvec is None else qvec
+    need_vec = mode != "bm25" or mmr_lambda is not None
     if mode == "bm25":
         ranked = bm25(store, query, depth)
     elif mode == "dense":
+        qvec = embedder.embed([query])[0] if qvec is None else qvec
         ranked = store.knn(qvec, depth)
     else:
-        ranked = rrf([bm25(store, query, depth), store.knn(qvec, depth)])
+        # BM25 runs in SQLite (no GIL) on a second thread while the question is embedded on this one; the
+        # vectors are read first, so that only that thread uses the connection meanwhile
+        store.matrix()
+        with ThreadPoolExecutor(1) as pool:
+            keywords = pool.submit(bm25, store, query, depth)
+            qvec = embedder.embed([query])[0] if qvec is None else qvec
+            ranked = rrf([keywords.result(), store.knn(qvec, depth)])
+    if need_vec and qvec is None:
+        qvec = embedder.embed([query])[0]
     ranked = mmr(store, qvec, ranked, k, mmr_lambda) if mmr_lambda is not None else ranked[:k]
     rows = store.chunks([i for i, _ in ranked])
     return [Hit(rank, score, i, r["source"], r["document"], r["location"], r["start"], r["end"], r["text"])

@@ -74,9 +74,10 @@ def paragraphs(text: str, headings: str | None = None, line_numbers: bool = True
     start a new section, named in the locations; keep_headings=False leaves the heading text out of the units
     (the section still starts there)."""
     units, section, heading = [], 0, ""
+    line, counted = 1, 0                        # line numbers counted on from the previous paragraph
     for m in _PARAGRAPH.finditer(text):
         start, end, para = m.start(), m.end(), m.group(0)
-        line = text.count("\n", 0, start) + 1 if line_numbers else 0
+        line, counted = line + text.count("\n", counted, start), start
         title = None
         if headings == "md":
             h = _MD_HEADING.fullmatch(para.split("\n", 1)[0])

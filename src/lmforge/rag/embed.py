@@ -91,26 +91,32 @@ class MiniLM(Embedder):
     name, dim, window = MINILM, 384, MINILM_WINDOW - 2     # [CLS] and [SEP] take two of the 256
 
     def __init__(self, device: str = "cpu"):
+        self.path, self.device = minilm_dir(), device
+        self.w = None                     # the weights and tokenizers are read on first use (bm25 needs none)
+
+    def _load(self) -> None:
         import json
 
         from safetensors.torch import load_file
         from tokenizers import Tokenizer
-        path = minilm_dir()
-        self.cfg = json.loads((path / "config.json").read_text())
-        self.w = {k: v.to(device) for k, v in load_file(str(path / "model.safetensors")).items()}
-        self.device = device
+        self.cfg = json.loads((self.path / "config.json").read_text())
+        self.w = {k: v.to(self.device) for k, v in load_file(str(self.path / "model.safetensors")).items()}
         # two tokenizers: one counts whole texts (chunking), one cuts them at the window (embedding)
-        self.counter = Tokenizer.from_file(str(path / "tokenizer.json"))
+        self.counter = Tokenizer.from_file(str(self.path / "tokenizer.json"))
         self.counter.no_truncation()
         self.counter.no_padding()
-        self.tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        self.tok = Tokenizer.from_file(str(self.path / "tokenizer.json"))
         self.tok.enable_truncation(MINILM_WINDOW)
         self.tok.no_padding()
 
     def count_tokens(self, texts: list[str]) -> list[int]:
+        if self.w is None:
+            self._load()
         return [len(e.ids) for e in self.counter.encode_batch(texts, add_special_tokens=False)]
 
     def embed_batch(self, texts: list[str]) -> np.ndarray:
+        if self.w is None:
+            self._load()
         enc = self.tok.encode_batch(texts)
         T = max(len(e.ids) for e in enc)
         ids = torch.zeros(len(enc), T, dtype=torch.long)

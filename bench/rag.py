@@ -9,7 +9,7 @@ MRR@10 of bm25, dense, hybrid) on the built-in labelled sets (`lmforge rag eval`
    sqlite-vec's vec0 KNN query against the numpy matrix-vector product over the same vectors that `dense` uses.
 3. Quality: `lmforge rag eval`'s sets in an index of their own (KJV minus the held-out verses, Python docs without
    their headings); the chunks the two indexes share are embedded once (an in-memory cache, said in the output).
-   Prints the table, writes rag.png (bar chart) and rag.json, and checks hybrid recall@5 >= max(bm25, dense).
+   Prints the table, writes rag.png (bar chart) and rag.json, and says whether hybrid recall@5 >= max(bm25, dense).
 """
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def main() -> int:
                                               "latency": latency, "embed_ms": embed_ms, "scan": scan,
                                               "eval_build_seconds": eval_build, "results": results}, indent=1))
     print(f"wrote {out / 'rag.json'} (eval index built in {eval_build:.1f} s, shared chunks embedded once)")
-    return 0 if all(ok.values()) else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -63,9 +63,9 @@ def main() -> int:
     build = {"seconds": r.seconds, "embed_seconds": r.embed_seconds, "chunks": stats["chunks"], "tokens": tokens,
              "chunks_per_s": r.chunks_per_s, "bytes": full.stat().st_size, "fresh": bool(r.chunks)}
     print(f"index {' + '.join(args.sources)}: {stats['chunks']:,} chunks ({tokens:,} tokens) in {r.seconds:.1f} s "
-          f"({r.embed_seconds:.1f} s embedding, {r.chunks_per_s:.1f} chunks/s, {tokens / max(r.embed_seconds, 1e-9):,.0f}"
-          f" tokens/s); file {full.stat().st_size / 1e6:.1f} MB" + ("" if r.chunks else " (reused: not timed)"),
-          flush=True)
+          f"({r.embed_seconds:.1f} s embedding, {r.chunks_per_s:.1f} chunks/s, "
+          f"{tokens / max(r.embed_seconds, 1e-9):,.0f} tokens/s); file {full.stat().st_size / 1e6:.1f} MB"
+          + ("" if r.chunks else " (reused: not timed)"), flush=True)
 
     # ---- 2. latency -------------------------------------------------------------------------------------------
     from lmforge.data.corpus import pydoc_topics

@@ -270,9 +270,9 @@ SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE sources(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, hash TEXT NOT NULL, chunks INTEGER NOT NULL,
                      indexed_at REAL NOT NULL);
-CREATE TABLE chunks(id INTEGER PRIMARY KEY AUTOINCREMENT, source_id INTEGER NOT NULL REFERENCES sources(id), document TEXT NOT NULL,
-                    location TEXT NOT NULL, start INTEGER NOT NULL, end INTEGER NOT NULL, tokens INTEGER NOT NULL,
-                    text TEXT NOT NULL);
+CREATE TABLE chunks(id INTEGER PRIMARY KEY AUTOINCREMENT, source_id INTEGER NOT NULL REFERENCES sources(id),
+                    document TEXT NOT NULL, location TEXT NOT NULL, start INTEGER NOT NULL, end INTEGER NOT NULL,
+                    tokens INTEGER NOT NULL, text TEXT NOT NULL);
 CREATE INDEX chunks_by_source ON chunks(source_id);
 CREATE VIRTUAL TABLE chunks_fts USING fts5(text, content='chunks', content_rowid='id',
                                            tokenize='porter unicode61 remove_diacritics 2');

@@ -451,6 +451,6 @@ async def first_and_rest(events):
     return rest()
 
 
-__all__ = ["Served", "Retrieval", "retrieve_for_chat", "Event", "Job", "Prepared", "prepare_completion", "prepare_chat", "completion_events",
-           "chat_events", "stream_completion", "collect_completion", "stream_chat", "collect_chat",
+__all__ = ["Served", "Retrieval", "retrieve_for_chat", "Event", "Job", "Prepared", "prepare_completion", "prepare_chat",
+           "completion_events", "chat_events", "stream_completion", "collect_completion", "stream_chat", "collect_chat",
            "first_and_rest"]

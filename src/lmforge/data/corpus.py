@@ -48,7 +48,8 @@ class CorpusStats:
 # ------------------------------------------------------------------------------------------ built-ins
 
 
-def _pydoc_topics() -> dict:
+def pydoc_topics() -> dict:
+    """{topic: text} of the language reference topics that `help()` shows (pydoc_data, part of CPython)."""
     try:
         from pydoc_data.topics import topics
     except ImportError:
@@ -59,7 +60,7 @@ def _pydoc_topics() -> dict:
 
 def python_docs() -> Iterator[str]:
     """`python-docs`: the language reference topics `help()` shows, one document per topic."""
-    topics = _pydoc_topics()
+    topics = pydoc_topics()
     for key in sorted(topics):
         yield topics[key]
 
@@ -139,9 +140,9 @@ class Builtin:
 
 BUILTINS = {b.name: b for b in [
     Builtin("python-docs", "Python language reference topics (pydoc_data), English prose",
-            "CPython", "PSF-2.0", _pydoc_topics,
+            "CPython", "PSF-2.0", pydoc_topics,
             read=lambda stats: _count_text(python_docs(), stats),
-            size=lambda: sum(len(t.encode()) for t in _pydoc_topics().values())),
+            size=lambda: sum(len(t.encode()) for t in pydoc_topics().values())),
     Builtin("python-stdlib", "Python standard library .py sources, one document per file (code)",
             "CPython", "PSF-2.0", lambda: None,
             read=lambda stats: python_stdlib(None, stats),
@@ -277,6 +278,11 @@ class Corpus:
         self._units.append(_Unit(name, read, path.stat().st_size, is_file=True))
 
     # ----- reading
+
+    def units(self) -> list[tuple[str, bool]]:
+        """(label, is_file) of everything a pass reads, in order: each file (directories expanded, as paths) and
+        each built-in (by name)."""
+        return [(u.label, u.is_file) for u in self._units]
 
     def source_of(self, label: str) -> str:
         """The source (as given: built-in name, file or directory) that the unit `label` belongs to."""

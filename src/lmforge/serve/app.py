@@ -1,6 +1,6 @@
 """The ASGI app of `lmforge serve`: an OpenAI-compatible API, Prometheus metrics and the web UI.
 
-    app = create_app(model, tok, name="my-model", api_key=None, max_batch=16, max_queue=64)
+    app = create_app(model, tok, name="my-model", api_key=None, max_batch=16, max_queue=64, rag=None)
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Why FastAPI/Starlette on uvicorn: both are maintained and widely deployed, ASGI lets one event loop hold many
@@ -12,10 +12,11 @@ Endpoints:
   GET  /v1/models, POST /v1/completions, POST /v1/chat/completions     the OpenAI API (openai_api, handlers)
   POST /v1/lmforge/tokenize      text -> tokens with their bytes and offsets, and per-text statistics
   POST /v1/lmforge/attention     attention weights of one layer and head over a text or a conversation
-  GET  /v1/lmforge/info          the model's shape (layers, heads, context) for the UI
+  GET  /v1/lmforge/info          the model's shape (layers, heads, context) and whether it has an index, for the UI
   GET  /health, GET /metrics     liveness with the engine's row and slot counts; Prometheus metrics (no key)
   GET  /                         the web UI (static files in serve/static, no CDN)
 
+With `rag` (an lmforge.rag.Index, `lmforge serve --rag-db FILE`), chat requests may ask for retrieval: see handlers.
 With an API key, every /v1 route wants `Authorization: Bearer KEY` (401 otherwise). Errors are OpenAI's JSON
 shape; FastAPI's own validation errors (422) become 400.
 """
@@ -48,12 +49,13 @@ DISCONNECT_POLL_S = 0.25             # how often a non-streaming request checks 
 
 def create_app(model, tokenizer, *, name: str, api_key: str | None = None, max_batch: int = 16,
                max_queue: int = 64, defaults: dict | None = None, precision: str = "fp32",
-               engine: Engine | None = None, prefix_cache_mb: float = 256) -> FastAPI:
+               engine: Engine | None = None, prefix_cache_mb: float = 256, rag=None) -> FastAPI:
     engine = engine or Engine(model, tokenizer, max_batch=max_batch, precision=precision,
                               prefix_cache_mb=prefix_cache_mb)
     metrics = Metrics()
     loop = EngineLoop(engine, metrics, max_queue=max_queue)
-    served = Served(loop, tokenizer, name, model.config.max_seq_len, dict(defaults or {}), metrics)
+    served = Served(loop, tokenizer, name, model.config.max_seq_len, dict(defaults or {}), metrics,
+                    handlers.Retrieval(rag) if rag is not None else None)
     created = now()
 
     @asynccontextmanager
@@ -118,7 +120,7 @@ def create_app(model, tokenizer, *, name: str, api_key: str | None = None, max_b
     async def info():
         cfg = model.config
         return {"model": name, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "context": cfg.max_seq_len,
-                "vocab_size": tokenizer.vocab_size, "max_batch": engine.max_batch}
+                "vocab_size": tokenizer.vocab_size, "max_batch": engine.max_batch, "rag": rag is not None}
 
     @app.post("/v1/lmforge/tokenize")
     async def tokenize(request: Request):

@@ -38,6 +38,9 @@ def serve_arguments(p) -> None:
                    help="memory for the keys/values of prompt prefixes seen before (a system prompt, the earlier "
                         "turns of a chat), reused instead of prefilled again; 0 turns it off (default 256)")
     p.add_argument("--precision", default="fp32", help="fp32 (default) | bf16 | fp16 | auto (autocast)")
+    p.add_argument("--rag-db", default=None, metavar="FILE.sqlite",
+                   help="an index (lmforge rag index): chat requests with \"rag\": true are answered from it, with "
+                        "their sources")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="server log level (default warning)")
 
@@ -88,18 +91,26 @@ def cmd_serve(args) -> int:
     defaults = {f.name: getattr(gen, f.name) for f in dataclasses.fields(gen)
                 if getattr(gen, f.name) != getattr(base, f.name)}
     sock = _listen(args.host, args.port)
+    rag = None
     try:
+        if args.rag_db is not None:      # the index first: a bad file fails before the model loads
+            from lmforge.rag import Index
+            from lmforge.rag.cli import load_embedder
+            rag = Index(args.rag_db, load_embedder(None, args.rag_db), create=False)
+            rag.stats()
         model, tokenizer = lmforge.load(path, device=args.device)
         app = create_app(model, tokenizer, name=name, api_key=args.api_key, max_batch=args.max_batch,
                          max_queue=args.max_queue, defaults=defaults, precision=args.precision,
-                         prefix_cache_mb=args.prefix_cache_mb)
+                         prefix_cache_mb=args.prefix_cache_mb, rag=rag)
     except BaseException:
         sock.close()
+        if rag is not None:
+            rag.close()
         raise
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"lmforge serve: {name!r} on http://{shown}:{port} (web UI at /, OpenAI API at /v1, /health, /metrics)",
-          flush=True)
+    print(f"lmforge serve: {name!r} on http://{shown}:{port} (web UI at /, OpenAI API at /v1, /health, /metrics)"
+          + (f"; retrieval from {args.rag_db}" if rag is not None else ""), flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False, timeout_keep_alive=30))
     server.run(sockets=[sock])
     return 0

@@ -9,10 +9,16 @@ chat marker; when it ends at <|tool_call|> and tools are offered, phase 2 contin
 `tool_call_grammar` (one JSON alternative per tool: arguments valid under that tool's schema) up to <|end|>.
 tool_choice "required" (or a named function) skips phase 1. The server never runs the tools: it returns the
 calls, and the client sends the results back as `tool` messages, as with OpenAI.
+
+Retrieval (`lmforge serve --rag-db FILE`, a chat body with `"rag": true` or `{"k": 5, "mode": "hybrid"}`): the last
+user message is the question; the best chunks of the index go into that message as numbered passages, as many as
+fit the context with room for the answer (lmforge.rag.answer), and the response carries them as `sources`
+(`[{n, id, source, location, score, text}]`, in the first chunk of a stream), so [n] in the answer can be shown.
 """
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 
 from lmforge.errors import LmforgeError
@@ -20,6 +26,7 @@ from lmforge.infer.assistant import check_tool_use, parse_tool_calls, tool_call_
 from lmforge.infer.constrained import Grammar
 from lmforge.infer.request import prompt_token_ids
 from lmforge.infer.tools import Tool
+from lmforge.rag.answer import DEFAULT_ANSWER_TOKENS, content, fit, sources_of
 from lmforge.serve.openai_api import (ApiError, ChatBody, CompletionBody, chat_logprobs, completion_logprobs,
                                       new_id, now, sampling_params, usage)
 from lmforge.tokenizer.chat import CHAT_MARKERS, END, TOOL_CALL, end_of_turn_id, render_chat, uses_lmforge_template
@@ -36,6 +43,19 @@ class Served:
     context: int                 # the model's max_seq_len
     defaults: dict               # sampling defaults (the checkpoint's generation_config.json)
     metrics: object | None = None
+    rag: "Retrieval | None" = None
+
+
+class Retrieval:
+    """The server's index (lmforge.rag.Index): one search at a time, as it has one SQLite connection and one
+    embedder, run off the event loop with the rest of a request's preparation."""
+
+    def __init__(self, index):
+        self.index, self.lock = index, threading.Lock()
+
+    def search(self, question: str, k: int, mode: str, mmr: float | None):
+        with self.lock:
+            return self.index.search(question, k, mode, mmr)
 
 
 @dataclass
@@ -87,6 +107,7 @@ class Prepared:
     required: bool = False       # tool_choice "required" or a named function
     grammar: object = None       # the tool calls' grammar (phase 2)
     completion_tokens: int = 0   # counted as outputs arrive (usage)
+    sources: list | None = None  # retrieved passages [n] (rag requests)
 
 
 def _check_context(served: Served, n: int, param: str) -> None:
@@ -238,6 +259,9 @@ def prepare_chat(served: Served, body: ChatBody) -> Prepared:
                                                       "parameters": t.function.parameters or
                                                       {"type": "object", "properties": {}}}}
                     for t in body.tools] if body.tools else None
+        sources, room = None, None
+        if body.rag is not None:
+            messages, sources, room = retrieve_for_chat(served, body, messages, declared)
         ids, _ = render_chat(tok, messages, declared, add_generation_prompt=True)
     except LmforgeError as e:
         raise ApiError.from_lmforge(e, param="tools" if e.field in ("tools", "parameters", "name") else "messages") \
@@ -249,6 +273,7 @@ def prepare_chat(served: Served, body: ChatBody) -> Prepared:
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     mt = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    mt = room if mt is None else mt           # with retrieval, the answer gets the room the passages left it
     params = sampling_params(body, served.defaults, max_tokens=mt, logprobs=(top or 0) if body.logprobs else None,
                              logprobs_param="top_logprobs",
                              max_tokens_param="max_completion_tokens" if body.max_completion_tokens is not None
@@ -259,13 +284,41 @@ def prepare_chat(served: Served, body: ChatBody) -> Prepared:
     if not uses_lmforge_template(tok):
         ends.add(end_of_turn_id(tok))
     params = params.replace(stop_token_ids=sorted(set(params.stop_token_ids) | ends))
-    prep = Prepared(ids, params, _response_format(served, body), tools, required)
+    prep = Prepared(ids, params, _response_format(served, body), tools, required, sources=sources)
     if tools:
         try:
             prep.grammar = tool_call_grammar(tok, tools)
         except LmforgeError as e:
             raise ApiError.from_lmforge(e, param="tools") from None
     return prep
+
+
+def retrieve_for_chat(served: Served, body: ChatBody, messages: list[dict], declared):
+    """(messages with the passages in the last user turn, the sources, the tokens left for the answer)."""
+    if served.rag is None:
+        raise ApiError(400, "this server has no index to retrieve from: start it with --rag-db FILE", param="rag")
+    opts = body.rag
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+    if last is None or not isinstance(messages[last].get("content"), str):
+        raise ApiError(400, "retrieval needs a user message with text: the question", param="messages")
+    question = messages[last]["content"]
+    try:
+        hits = served.rag.search(question, opts.k, opts.mode, opts.mmr)
+    except LmforgeError as e:
+        raise ApiError.from_lmforge(e, param="rag") from None
+    mt = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    room = max(1, min(mt or DEFAULT_ANSWER_TOKENS, served.context // 2))
+
+    def with_passages(hs):
+        return messages[:last] + [dict(messages[last], content=content(question, hs))] + messages[last + 1:]
+
+    fitted = fit(lambda hs: render_chat(served.tok, with_passages(hs), declared, add_generation_prompt=True)[0],
+                 hits, served.context - room)
+    if fitted is None:
+        raise ApiError(400, f"the conversation leaves no room for passages and an answer of {room} tokens in the "
+                            f"model's context of {served.context}", param="messages", code="context_length_exceeded")
+    kept, _, _ = fitted
+    return with_passages(kept), sources_of(kept), room
 
 
 async def chat_events(served: Served, prep: Prepared):
@@ -331,9 +384,12 @@ def _chat_chunk(rid, created, served, choices, usage_=None, with_usage=False) ->
 async def stream_chat(served: Served, body: ChatBody, prep: Prepared, events):
     rid, created = new_id("chatcmpl"), now()
     want_lp = prep.params.logprobs is not None
-    for c in range(prep.params.n):   # OpenAI's first chunk of each choice: the role
-        yield _chat_chunk(rid, created, served, [{"index": c, "delta": {"role": "assistant", "content": ""},
-                                                  "logprobs": None, "finish_reason": None}], None, body.include_usage)
+    for c in range(prep.params.n):   # OpenAI's first chunk of each choice: the role (and the sources, if any)
+        chunk = _chat_chunk(rid, created, served, [{"index": c, "delta": {"role": "assistant", "content": ""},
+                                                    "logprobs": None, "finish_reason": None}], None, body.include_usage)
+        if prep.sources is not None and c == 0:
+            chunk["sources"] = [s.to_json() for s in prep.sources]
+        yield chunk
     async for ev in events:
         delta: dict = {}
         if ev.text:
@@ -367,8 +423,11 @@ async def collect_chat(served: Served, body: ChatBody, prep: Prepared, events) -
         choices.append({"index": c, "message": msg, "finish_reason": _finish(finish.get(c)),
                         "logprobs": chat_logprobs(served.tok, lps.get(c, [])) if prep.params.logprobs is not None
                         else None})
-    return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": served.name,
-            "choices": choices, "usage": usage(len(prep.prompt_ids), prep.completion_tokens)}
+    out = {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": served.name,
+           "choices": choices, "usage": usage(len(prep.prompt_ids), prep.completion_tokens)}
+    if prep.sources is not None:
+        out["sources"] = [s.to_json() for s in prep.sources]
+    return out
 
 
 async def first_and_rest(events):
@@ -392,6 +451,6 @@ async def first_and_rest(events):
     return rest()
 
 
-__all__ = ["Served", "Event", "Job", "Prepared", "prepare_completion", "prepare_chat", "completion_events",
-           "chat_events", "stream_completion", "collect_completion", "stream_chat", "collect_chat",
+__all__ = ["Served", "Retrieval", "retrieve_for_chat", "Event", "Job", "Prepared", "prepare_completion", "prepare_chat",
+           "completion_events", "chat_events", "stream_completion", "collect_completion", "stream_chat", "collect_chat",
            "first_and_rest"]

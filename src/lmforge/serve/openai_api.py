@@ -7,6 +7,9 @@ whatever is refused becomes an `ApiError` that the app answers in OpenAI's error
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "temperature", "code": null}}
 
+Chat bodies may also carry lmforge's `rag` field (true, or {"k", "mode", "mmr"}) when the server was started with
+--rag-db: see handlers.retrieve_for_chat.
+
 Sampling fields: OpenAI's (n, temperature, top_p, max_tokens / max_completion_tokens, stop, seed,
 presence_penalty, frequency_penalty, logit_bias, logprobs) and vLLM's extras (top_k, min_p, repetition_penalty,
 min_tokens, ignore_eos, stop_token_ids), all mapped 1:1 onto SamplingParams. Defaults come from the checkpoint's
@@ -18,7 +21,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.sampling import SamplingParams
@@ -125,6 +128,13 @@ class CompletionBody(SamplingBody):
     best_of: int | None = None
 
 
+class RagOptions(Body):
+    """lmforge's extra chat field `rag`: answer the last user message from the server's index (--rag-db)."""
+    k: int = Field(5, ge=1, le=50)
+    mode: Literal["bm25", "dense", "hybrid"] = "hybrid"
+    mmr: float | None = Field(None, ge=0, le=1)
+
+
 class ChatBody(SamplingBody):
     messages: list[dict[str, Any]]
     max_completion_tokens: int | None = None
@@ -133,6 +143,12 @@ class ChatBody(SamplingBody):
     tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    rag: RagOptions | None = None               # lmforge's own: retrieval from --rag-db
+
+    @field_validator("rag", mode="before")
+    @classmethod
+    def _rag_flag(cls, v):                      # `"rag": true` asks with the defaults, false not at all
+        return {} if v is True else None if v is False else v
 
 
 def parse(model: type[Body], raw: bytes) -> Body:

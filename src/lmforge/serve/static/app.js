@@ -103,9 +103,22 @@ function renderMessages() {
       f.textContent = "[" + m.finish + "]";
       div.append(f);
     }
+    if (m.sources && m.sources.length) div.append(sourcesList(m.sources));
     box.append(div);
   }
   box.scrollTop = box.scrollHeight;
+}
+
+function sourcesList(sources) {     // under an answer: [n] source, location; the passage itself on hover
+  const ol = document.createElement("ol");
+  ol.className = "sources";
+  for (const s of sources) {
+    const li = document.createElement("li");
+    li.textContent = "[" + s.n + "] " + s.source + ", " + s.location;
+    li.title = s.text;
+    ol.append(li);
+  }
+  return ol;
 }
 
 async function send(ev) {
@@ -117,6 +130,7 @@ async function send(ev) {
   $("prompt").value = "";
   const reply = { role: "assistant", content: "", finish: null, tokens: [] };
   const body = Object.assign(samplingBody(), { messages: apiMessages(), stream: true });
+  if (state.info && state.info.rag && $("rag").checked) body.rag = { k: num("rag_k") || 4 };
   state.messages.push(reply);
   renderMessages();
   const box = $("messages");
@@ -127,6 +141,7 @@ async function send(ev) {
   try {
     for await (const chunk of sse("/v1/chat/completions", body, state.controller.signal)) {
       const c = chunk.choices && chunk.choices[0];
+      if (chunk.sources) reply.sources = chunk.sources;   // retrieval: the passages [n] of the answer
       if (!c) continue;
       if (c.delta && c.delta.content) reply.content += c.delta.content;
       if (c.logprobs && c.logprobs.content) reply.tokens.push(...c.logprobs.content);
@@ -327,6 +342,7 @@ async function start() {
     };
     fill("layer", state.info.n_layer);
     fill("head", state.info.n_head);
+    $("rag-box").hidden = $("rag-k-box").hidden = !state.info.rag;
     showError("");
     document.body.dataset.ready = "1";
   } catch (e) {

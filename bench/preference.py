@@ -8,8 +8,8 @@ the call. From the SFT checkpoint, each through its own CLI verb:
 
   1. reward model   `lmforge reward train` on built-in pairs (a demonstration's turn vs the same turn with an
                     operand miscopied): held-out pair accuracy on pairs from the eval split;
-  2. DPO            `lmforge dpo` on pairs of the SFT model's OWN turns (a right one vs a wrong one of the same
-                    problem, training problems): held-out implicit-reward accuracy and greedy accuracy;
+  2. DPO            `lmforge dpo` on built-in pairs, half of them the SFT model's OWN turns (a right one vs a
+                    wrong one of the same problem): held-out implicit-reward accuracy and greedy accuracy;
   3. GRPO           `lmforge grpo --reward verifier` (tool-using episodes) for a fixed number of steps: its
                     wall time, and greedy accuracy before/after (the curve from its periodic evaluation);
   4. PPO            `lmforge ppo --reward-model RM`: the reward model's mean score of greedy held-out answers
@@ -36,10 +36,10 @@ TASK = "arithmetic:digits=3,tools=true"
 THREADS = 2
 # each stage's settings (KEY=VALUE as on the command line), chosen by measuring on a 2-core CPU
 REWARD = ["pairs_n=6000", "train.max_steps=600", "train.lr=3e-4", "train.eval_every=200"]
-DPO = ["own_fraction=1.0", "own_samples=4", "own_max_tokens=48", "pairs_n=1000", "val_n=100",
+DPO = ["own_fraction=0.5", "own_samples=4", "own_max_tokens=48", "pairs_n=1500", "val_n=200",
        "train.max_steps=150", "train.lr=1e-5", "train.eval_every=50"]
-GRPO = ["prompts_per_step=16", "group_size=8", "max_new_tokens=48", "train.lr=1e-4", "train.max_steps=30",
-        "train.eval_every=10", "val_n=200"]
+GRPO = ["prompts_per_step=16", "group_size=8", "max_new_tokens=48", "temperature=1.2", "train.lr=1e-4",
+        "train.max_steps=30", "train.eval_every=10", "val_n=200"]
 PPO = ["prompts_per_step=32", "max_new_tokens=48", "ppo_epochs=2", "num_mini_batches=2", "kl_coef=0.05",
        "train.lr=3e-5", "train.max_steps=40", "train.eval_every=20", "val_n=100"]
 BEST_OF = 8

@@ -25,7 +25,8 @@ TINY = ["sources=[python-docs]", "tokenizer.vocab_size=400", "markov_orders=[1,2
         "chat_eval.n=8", "chat_eval.tool_n=3", "chat_eval.max_tokens=6", "chat_eval.tool_max_tokens=64",
         "chat_eval.samples=1", "chat_eval.sample_tokens=64",
         "grpo.train.max_steps=3", "grpo.group_size=2", "grpo.prompts_per_step=2", "grpo.max_new_tokens=4",
-        "grpo.train.batch_size=4", "grpo.train.threads=1"]
+        "grpo.train.batch_size=4", "grpo.train.threads=1",
+        "rag.books=[Ruth]", "rag.n=10", "rag.k=2", "rag.chunk_tokens=24"]
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,10 @@ def test_quickstart_writes_every_stage_and_a_report(quickstart_run, capsys):
     report = (out / "report.md").read_text()
     assert "Markov order 2" in report and "Transformer" in report and "loss.png" in report
     assert len(summary["samples"]) == 2
+    # retrieval: Ruth indexed without 10 held-out verses, the cloze table, a cited answer whose sources are chunks
+    assert (out / "rag.sqlite").exists()
+    assert "## Retrieval with citations" in report and "| hybrid |" in report and "**Q:** Who built the ark" in report
+    assert "- [1] " in summary["rag"] and "Ruth " in summary["rag"]
 
 
 def test_quickstart_fine_tunes_for_chat_and_scores_it(quickstart_run):

@@ -50,6 +50,17 @@ class ChatEvalSection:
 
 
 @dataclass
+class RagSection:
+    """The retrieval step: index KJV books (all but n held-out verses), measure retrieval on those verses (inverse
+    cloze), answer one question from the index with citations. books: [] = the whole KJV."""
+    books: list[str] = field(default_factory=lambda: ["Genesis"])
+    n: int = 100
+    question: str = "Who built the ark, and of what wood?"
+    k: int = 3
+    chunk_tokens: int = 64       # small chunks: the quickstart model's context holds the question, passages, answer
+
+
+@dataclass
 class QuickstartConfig:
     sources: list[str] = field(default_factory=lambda: ["kjv", "python-docs"])
     val_fraction: float = 0.05
@@ -64,12 +75,17 @@ class QuickstartConfig:
     # RL after SFT on chat_eval.task (grpo.task, when unset), rewarded by its verifier; rl: none skips it
     rl: str = "grpo"
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    # retrieval with citations over the KJV (lmforge rag; needs the rag extra); rag_step: none skips it
+    rag_step: str = "kjv"
+    rag: RagSection = field(default_factory=RagSection)
 
     def __post_init__(self):
         if not self.markov_orders or min(self.markov_orders) < 1:
             raise ConfigError("give at least one order ≥ 1", field="markov_orders")
         if self.rl not in ("grpo", "none"):
             raise ConfigError(f"rl must be grpo or none, got {self.rl!r}", field="rl")
+        if self.rag_step not in ("kjv", "none"):
+            raise ConfigError(f"rag_step must be kjv or none, got {self.rag_step!r}", field="rag_step")
         if self.split not in ("random", "tail"):
             raise ConfigError(f"split must be random or tail, got {self.split!r}", field="split")
 
@@ -189,9 +205,28 @@ def run_quickstart(cfg: QuickstartConfig, out: str | Path, progress: bool = True
     done("task eval", t)
     print(format_task_table(task_eval))
 
+    rag = None
+    if cfg.rag_step == "kjv":
+        from lmforge.infer.sampling import SamplingParams
+        from lmforge.rag import Index
+        from lmforge.rag.evaluate import kjv_report
+        rc = cfg.rag
+        t = stage(f"RAG: index the KJV ({', '.join(rc.books) or 'all books'}), retrieval benchmark, a cited answer")
+        db = out / "rag.sqlite"
+        if db.exists():
+            db.unlink()                  # a fresh index: the run describes itself
+        index = Index(db, chunk_tokens=rc.chunk_tokens)
+        try:
+            rag = kjv_report(index, sft_model, sft_tok, question=rc.question, n=rc.n, books=rc.books or None,
+                             k=rc.k, params=SamplingParams(temperature=0.0, max_tokens=48), progress_bar=progress)
+        finally:
+            index.close()
+        done("rag", t)
+        print(rag)
+
     result = {"config": asdict(cfg), "times": times, "cpu_times": cpu_times, "tokenizer": {"vocab_size": tok.vocab_size,
               "merges": tok.n_merges}, "data": splits, "markov": markov, "pretrain": summary, "samples": samples,
-              "sft": sft, "grpo": grpo, "chat_samples": chats, "task_eval": task_eval}
+              "sft": sft, "grpo": grpo, "chat_samples": chats, "task_eval": task_eval, "rag": rag}
     (out / "summary.json").write_text(json.dumps(result, indent=2, default=str, ensure_ascii=False) + "\n")
     report = write_report(out, result)
     best = min(markov, key=lambda r: r["val_bpb"])
@@ -409,6 +444,8 @@ def write_report(out: Path, r: dict) -> Path:
     lines += [f"```\n{s}\n```" for s in r["samples"]]
     if "sft" in r:
         lines += _chat_report(r)
+    if r.get("rag"):
+        lines += ["", r["rag"].replace("## Retrieval (lmforge rag)", "## Retrieval with citations (lmforge rag)")]
     cpu = r.get("cpu_times", {})
     lines += ["", "## Time per stage", "", "| stage | seconds | CPU seconds |", "|---|---:|---:|"]
     lines += [f"| {k} | {v:.1f} | {cpu.get(k, float('nan')):.1f} |" for k, v in r["times"].items()]

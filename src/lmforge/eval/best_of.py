@@ -69,7 +69,8 @@ def _sample_turns(model, tok, family, problems, n, temperature, max_tokens, seed
     with tqdm(total=len(convs), disable=not progress, unit="answer", desc="best-of-N", leave=False) as bar:
         news = run_chat_turns(model, tok, convs, names, params, max_batch=max(batch_size, n),
                               on_event=lambda i, kind, v: bar.update(1) if kind == "finish" else None)
-    rows = [render_chat(tok, list(c) + new, family.tools) for c, new in zip(convs, news)]
+    ctx = model.config.max_seq_len + 1            # a turn longer than the context is scored on what fits
+    rows = [tuple(x[:ctx] for x in render_chat(tok, list(c) + new, family.tools)) for c, new in zip(convs, news)]
     means = []
     was_training = model.training
     model.eval()

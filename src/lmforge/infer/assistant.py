@@ -96,36 +96,44 @@ def tool_call_grammar(tok, tools: Sequence[Tool]) -> Grammar:
     return Grammar.lark(tok, lark, field="tools")
 
 
-def _drive(engine: Engine, prompt_ids: list[int], params: SamplingParams, constraint, on_text, should_stop):
-    """Run one request to its end: (text, token ids, finish_reason, stop_reason)."""
-    rid = ("chat", next(_request_ids))
-    engine.add_request(rid, prompt_ids, params, constraint=constraint, add_bos=False)
-    text, ids, finish, reason, aborted = [], [], "abort", None, False
+# A turn is written as a generator of the engine requests it needs: it yields (prompt_ids, params, constraint,
+# on_text) and is sent back (text, token ids, finish_reason, stop_reason). One driver runs any number of turns on
+# one engine (their requests share the batch), so a turn alone and many at once follow the same rules.
+def _run_steps(engine: Engine, turns: list, should_stop: Callable[[], bool] | None = None) -> list:
+    """Run the turns' generators to their ends: their return values, in order. `should_stop` is polled before
+    every engine step; when it says True the live requests are aborted (finish_reason "abort")."""
+    results: list = [None] * len(turns)
+    live: dict[object, tuple] = {}      # request id -> (turn, its steps, text pieces, ids, on_text)
+    aborted: set = set()
+
+    def advance(i, steps, answer):
+        try:
+            prompt, p, constraint, on_text = steps.send(answer)
+        except StopIteration as done:
+            results[i] = done.value
+            return
+        rid = ("turns", next(_request_ids))
+        engine.add_request(rid, prompt, p, constraint=constraint, add_bos=False)
+        live[rid] = (i, steps, [], [], on_text)
+
+    for i, steps in enumerate(turns):
+        advance(i, steps, None)
     while engine.has_unfinished():
-        if should_stop is not None and not aborted and should_stop():
-            engine.abort(rid)
-            aborted = True
+        if should_stop is not None and live.keys() - aborted and should_stop():
+            for rid in live.keys() - aborted:
+                engine.abort(rid)
+                aborted.add(rid)
         for o in engine.step():
+            i, steps, text, ids, on_text = live[o.request_id]
             ids += o.token_ids
             if o.text:
                 text.append(o.text)
                 if on_text is not None:
                     on_text(o.text)
             if o.finished:
-                finish, reason = o.finish_reason, o.stop_reason
-    return "".join(text), ids, finish, reason
-
-
-# A turn is written as a generator of the engine requests it needs: it yields (prompt_ids, params, constraint,
-# on_text) and is sent back (text, token ids, finish_reason, stop_reason). One driver runs a turn alone
-# (`_run_alone`), another runs many turns at once on one engine (`run_chat_turns`), so both share every rule.
-def _run_alone(engine: Engine, steps, should_stop):
-    try:
-        req = next(steps)
-        while True:
-            req = steps.send(_drive(engine, *req, should_stop))
-    except StopIteration as done:
-        return done.value
+                del live[o.request_id]
+                advance(i, steps, ("".join(text), ids, o.finish_reason, o.stop_reason))
+    return results
 
 
 def _reply_steps(tok, max_seq_len: int, prompt_ids: list[int], params: SamplingParams, tools: list[Tool],
@@ -183,7 +191,7 @@ def generate_reply(engine: Engine, tok, prompt_ids: list[int], params: SamplingP
     params, tools = _check_reply_args(tok, params, tools, tool_choice)
     steps = _reply_steps(tok, engine.model.config.max_seq_len, prompt_ids, params, tools, tool_choice, on_text,
                          grammar)
-    return _run_alone(engine, steps, should_stop)
+    return _run_steps(engine, [steps], should_stop)[0]
 
 
 def parse_tool_calls(tok, call_ids: Sequence[int]) -> list[dict]:
@@ -297,7 +305,7 @@ def run_chat_turn(engine_or_model, tok, messages: list[dict], tools=None, params
     grammar = tool_call_grammar(tok, tools) if tools else None
     steps = _turn_steps(tok, engine.model.config.max_seq_len, messages, tools, params, max_tool_rounds,
                         tool_choice, on_event or (lambda kind, value: None), grammar)
-    return _run_alone(engine, steps, should_stop)
+    return _run_steps(engine, [steps], should_stop)[0]
 
 
 def run_chat_turns(engine_or_model, tok, conversations: Sequence[list[dict]], tools=None,
@@ -316,35 +324,10 @@ def run_chat_turns(engine_or_model, tok, conversations: Sequence[list[dict]], to
         raise ConfigError(f"{len(params)} sampling params for {len(conversations)} conversations", field="params")
     grammar = tool_call_grammar(tok, tools) if tools else None
     emit = on_event or (lambda i, kind, value: None)
-    results: list[list[dict] | None] = [None] * len(conversations)
-    live: dict[object, tuple] = {}      # request id -> (conversation, its steps, text pieces, ids, on_text)
-
-    def advance(i, steps, answer):
-        try:
-            prompt, p, constraint, on_text = steps.send(answer)
-        except StopIteration as done:
-            results[i] = done.value
-            return
-        rid = ("turns", next(_request_ids))
-        engine.add_request(rid, prompt, p, constraint=constraint, add_bos=False)
-        live[rid] = (i, steps, [], [], on_text)
-
-    for i, (messages, p) in enumerate(zip(conversations, params)):
-        steps = _turn_steps(tok, engine.model.config.max_seq_len, messages, tools, p, max_tool_rounds,
-                            tool_choice, lambda kind, value, i=i: emit(i, kind, value), grammar)
-        advance(i, steps, None)
-    while engine.has_unfinished():
-        for o in engine.step():
-            i, steps, text, ids, on_text = live[o.request_id]
-            ids += o.token_ids
-            if o.text:
-                text.append(o.text)
-                if on_text is not None:
-                    on_text(o.text)
-            if o.finished:
-                del live[o.request_id]
-                advance(i, steps, ("".join(text), ids, o.finish_reason, o.stop_reason))
-    return results
+    return _run_steps(engine, [_turn_steps(tok, engine.model.config.max_seq_len, messages, tools, p,
+                                           max_tool_rounds, tool_choice,
+                                           lambda kind, value, i=i: emit(i, kind, value), grammar)
+                               for i, (messages, p) in enumerate(zip(conversations, params))])
 
 
 __all__ = ["Reply", "as_tools", "check_tool_use", "tool_call_grammar", "generate_reply", "parse_tool_calls",
